@@ -1,0 +1,324 @@
+"""Task files: `$AKM_STASH/tasks/<id>.yml` loaded and validated into `Task`.
+
+`load_task` is on the hot path (each scheduled run loads its own file), so it
+reads only that one file and imports nothing beyond yaml and the schedule
+syntax check. `load_all` never raises for one bad file: it returns the good
+tasks and one `InvalidTask` per bad file, so one typo never hides the rest.
+
+Decisions a user can see (README "Task files"):
+- `env` values: strings; YAML numbers are taken as their text (`PORT: 8080`
+  gives "8080"). Booleans and nulls are refused with "quote it", because
+  YAML 1.1 reads `yes`, `no`, `on`, `off` as booleans and we cannot know which
+  spelling was meant.
+- Files whose names start with `.` are ignored (editors' temporary files);
+  other `.yml`/`.yaml` names must be valid ids.
+"""
+
+import difflib
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from . import schedule as _schedule
+from .errors import InvalidTask, UnknownTask
+
+# The C loader is several times faster; 1,000 files must load well under 1 s.
+_Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+ID_RE = re.compile(r"[a-z0-9_-]+")
+EXTENSIONS = (".yml", ".yaml")
+DEFAULT_TIMEOUT = 300.0
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+# akm's own targets; this worker runs only `command`.
+_AKM_TARGETS = ("prompt", "workflow")
+FIELDS = ("schedule", "command", "enabled", "timeout", "timeoutMs", "env", "description",
+          "token_budget", "grace", "name", "tags", "when_to_use", "version")
+
+
+@dataclass(frozen=True)
+class Task:
+    id: str                     # the file name without .yml/.yaml
+    path: Path
+    schedule: str               # normalised: stripped, single spaces
+    command: str | list[str]    # str -> /bin/sh -c; list -> exec directly
+    enabled: bool = True
+    timeout: float = DEFAULT_TIMEOUT  # seconds (timeoutMs / 1000 for akm files)
+    env: dict[str, str] = field(default_factory=dict)  # raw values, NOT interpolated
+    description: str = ""
+    token_budget: int | None = None
+    grace: int | None = None    # seconds; health's `late` grace override
+    name: str | None = None
+    tags: tuple[str, ...] = ()
+    when_to_use: str | None = None
+    version: str | None = None
+
+
+def load_task(stash, task_id: str) -> Task:
+    """The task `task_id`; UnknownTask if no file, InvalidTask if it is bad."""
+    if not ID_RE.fullmatch(task_id or ""):
+        raise UnknownTask(task_id, stash.tasks_dir)
+    paths = [p for p in (stash.tasks_dir / f"{task_id}{ext}" for ext in EXTENSIONS)
+             if p.exists() or p.is_symlink()]
+    if not paths:
+        raise UnknownTask(task_id, stash.tasks_dir)
+    if len(paths) > 1:
+        raise _duplicate(paths)
+    return parse_file(paths[0], task_id)
+
+
+def load_all(stash) -> tuple[list[Task], list[InvalidTask]]:
+    """Every task file in tasks/: (valid tasks sorted by id, errors sorted by path)."""
+    tasks, errors = [], []
+    for task_id, paths in sorted(task_files(stash).items()):
+        try:
+            if task_id is None or not ID_RE.fullmatch(task_id):
+                raise _bad_name(paths[0])
+            if len(paths) > 1:
+                raise _duplicate(paths)
+            tasks.append(parse_file(paths[0], task_id))
+        except InvalidTask as e:
+            errors.append(e)
+    errors.sort(key=lambda e: e.path)
+    return tasks, errors
+
+
+def task_files(stash) -> dict:
+    """{id: [paths]} for every .yml/.yaml file in tasks/ (none if it is missing).
+
+    A file whose stem is not a valid id is keyed by its file name so it is
+    still reported (as invalid) instead of silently skipped.
+    """
+    found: dict = {}
+    try:
+        entries = list(stash.tasks_dir.iterdir())
+    except (FileNotFoundError, NotADirectoryError):
+        return found
+    for path in entries:
+        if path.name.startswith(".") or path.suffix not in EXTENSIONS:
+            continue
+        key = path.stem if ID_RE.fullmatch(path.stem) else path.name
+        found.setdefault(key, []).append(path)
+    for paths in found.values():
+        paths.sort()
+    return found
+
+
+def parse_file(path: Path, task_id: str) -> Task:
+    """Read, parse and validate one file; InvalidTask (one line) for any problem."""
+    if not ID_RE.fullmatch(task_id):
+        raise _bad_name(path)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise InvalidTask(path, None, f"cannot read it: {e.strerror or e}",
+                          "check that it is a readable file") from None
+    return from_mapping(path, task_id, _parse_yaml(path, data))
+
+
+def _parse_yaml(path: Path, data: bytes):
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InvalidTask(path, None, f"not UTF-8 text (byte {e.start})",
+                          "save it as UTF-8") from None
+    if text.startswith("\ufeff"):
+        text = text[1:]
+    try:
+        doc = yaml.load(text, Loader=_Loader)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        what = (e.problem or e.context or "bad syntax").replace("\n", " ")
+        raise InvalidTask(path, None, f"YAML syntax error{where}: {what}",
+                          "fix the YAML there") from None
+    except (yaml.YAMLError, RecursionError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise InvalidTask(path, None, f"YAML error: {first}", "fix the YAML") from None
+    if doc is None:
+        raise InvalidTask(path, None, "the file is empty",
+                          "write at least `schedule:` and `command:`")
+    if not isinstance(doc, dict):
+        raise InvalidTask(path, None, f"the file is a YAML {_kind(doc)}, not a mapping",
+                          "write `key: value` lines such as `schedule:` and `command:`")
+    return doc
+
+
+def from_mapping(path: Path, task_id: str, doc: dict) -> Task:
+    """Validate a parsed mapping; every error names the field and the fix."""
+    _check_keys(path, doc)
+    for key in ("schedule", "command"):
+        if key not in doc:
+            raise InvalidTask(path, key, "is missing", _REQUIRED_FIX[key])
+    return Task(
+        id=task_id, path=path,
+        schedule=_get_schedule(path, doc["schedule"]),
+        command=_get_command(path, doc["command"]),
+        enabled=_get(path, doc, "enabled", bool, True),
+        timeout=_get_timeout(path, doc),
+        env=_get_env(path, doc.get("env")),
+        description=_get(path, doc, "description", str, "") or "",
+        token_budget=_get_int(path, doc, "token_budget", 1),
+        grace=_get_int(path, doc, "grace", 0),
+        name=_get(path, doc, "name", str, None),
+        tags=_get_tags(path, doc.get("tags")),
+        when_to_use=_get(path, doc, "when_to_use", str, None),
+        version=_get_version(path, doc.get("version")),
+    )
+
+
+_REQUIRED_FIX = {
+    "schedule": "add e.g. `schedule: \"*/15 * * * *\"`",
+    "command": "add e.g. `command: ./run.sh` (a string runs with /bin/sh -c)",
+}
+
+
+def _check_keys(path, doc):
+    for target in _AKM_TARGETS:
+        if target in doc:
+            raise InvalidTask(path, target, f"akm `{target}` tasks are not run by this worker",
+                              "it runs only `command` tasks: give a `command:` "
+                              f"and remove `{target}:`")
+    for key in doc:
+        if key in FIELDS:
+            continue
+        shown = key if isinstance(key, str) else repr(key)
+        close = difflib.get_close_matches(str(key), FIELDS, n=1, cutoff=0.6) or \
+            difflib.get_close_matches(str(key).lower(), [f.lower() for f in FIELDS], n=1)
+        if close:
+            match = next(f for f in FIELDS if f.lower() == close[0].lower())
+            fix = f"did you mean `{match}`?"
+        else:
+            fix = "remove it; known fields: " + ", ".join(FIELDS)
+        raise InvalidTask(path, shown, "unknown field", fix)
+    if "timeout" in doc and "timeoutMs" in doc:
+        raise InvalidTask(path, "timeoutMs", "both `timeout` and `timeoutMs` are given",
+                          "keep one: `timeout` in seconds or `timeoutMs` in milliseconds")
+
+
+def _get(path, doc, key, typ, default):
+    value = doc.get(key, default)
+    if value is None and default is None:
+        return None
+    # bool is an int in Python, so check it exactly: `timeout: true` is wrong.
+    if type(value) is not typ:
+        want = {bool: "true or false", str: "a string"}[typ]
+        raise InvalidTask(path, key, f"must be {want}, not {_kind(value)}",
+                          f"write e.g. `{key}: {_EXAMPLES[key]}`")
+    return value
+
+
+_EXAMPLES = {"enabled": "false", "description": '"Nightly report"', "name": "nightly-report",
+             "when_to_use": '"every night"', "token_budget": "50000", "grace": "600",
+             "timeout": "300", "timeoutMs": "300000"}
+
+
+def _get_int(path, doc, key, minimum):
+    value = doc.get(key)
+    if value is None:
+        return None
+    if type(value) is not int or value < minimum:
+        what = f"{value}" if type(value) is int else _kind(value)
+        bound = "greater than 0" if minimum == 1 else f"at least {minimum}"
+        raise InvalidTask(path, key, f"must be a whole number {bound}, not {what}",
+                          f"write e.g. `{key}: {_EXAMPLES[key]}`")
+    return value
+
+
+def _get_timeout(path, doc) -> float:
+    if "timeoutMs" in doc:
+        return _get_int(path, doc, "timeoutMs", 1) / 1000.0
+    if doc.get("timeout") is None:
+        if "timeout" in doc:
+            raise InvalidTask(path, "timeout", "is empty", "write seconds, e.g. `timeout: 300`")
+        return DEFAULT_TIMEOUT
+    return float(_get_int(path, doc, "timeout", 1))
+
+
+def _get_schedule(path, value) -> str:
+    if not isinstance(value, str):
+        raise InvalidTask(path, "schedule", f"must be a string, not {_kind(value)}",
+                          'quote it, e.g. `schedule: "*/15 * * * *"`')
+    problem = _schedule.check(value)
+    if problem:
+        # Structural problems get the general fix; a field's problem already says it.
+        general = problem.startswith(("is ", "has ", "contains", "unknown"))
+        raise InvalidTask(path, "schedule", f"`{value.strip()}`{' ' if general else ': '}{problem}",
+                          _schedule.FIX if general else "")
+    return _schedule.normalise(value)
+
+
+def _get_command(path, value):
+    fix = "write a shell command (`command: ./run.sh --all`) or a list (`command: [./run.sh, --all]`)"
+    if isinstance(value, str):
+        if not value.strip():
+            raise InvalidTask(path, "command", "is empty", fix)
+        return value
+    if isinstance(value, list):
+        if not value:
+            raise InvalidTask(path, "command", "is an empty list", fix)
+        for i, item in enumerate(value):
+            if not isinstance(item, str):
+                raise InvalidTask(path, "command", f"item {i + 1} is {_kind(item)}, not a string",
+                                  "quote it, e.g. `- \"8080\"`")
+        if not value[0].strip():
+            raise InvalidTask(path, "command", "the program (first item) is empty", fix)
+        return list(value)
+    raise InvalidTask(path, "command", f"must be a string or a list of strings, not {_kind(value)}",
+                      fix)
+
+
+def _get_env(path, value) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise InvalidTask(path, "env", f"must be a mapping, not {_kind(value)}",
+                          "write `NAME: value` lines indented under `env:`")
+    env = {}
+    for name, raw in value.items():
+        if not isinstance(name, str) or not _ENV_NAME.fullmatch(name):
+            raise InvalidTask(path, "env", f"`{name}` is not a valid variable name",
+                              "use letters, digits and _, not starting with a digit")
+        if isinstance(raw, bool) or raw is None or not isinstance(raw, (str, int, float)):
+            raise InvalidTask(path, "env", f"`{name}` is {_kind(raw)}, not a string",
+                              f'quote the value, e.g. `{name}: "true"`')
+        env[name] = raw if isinstance(raw, str) else str(raw)
+    return env
+
+
+def _get_tags(path, value) -> tuple:
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not all(isinstance(t, str) for t in value):
+        raise InvalidTask(path, "tags", "must be a list of strings",
+                          "write e.g. `tags: [reports, nightly]`")
+    return tuple(value)
+
+
+def _get_version(path, value):
+    if value is None:
+        return None
+    # akm writes "1.0.0"; a bare `version: 1` or `1.2` is plain YAML for the same.
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise InvalidTask(path, "version", f"must be a string, not {_kind(value)}",
+                          'write e.g. `version: "1.0.0"`')
+    return str(value)
+
+
+def _kind(value) -> str:
+    names = {bool: "a boolean", int: "a number", float: "a number", str: "a string",
+             list: "a list", dict: "a mapping", type(None): "empty"}
+    return names.get(type(value), f"a {type(value).__name__}")
+
+
+def _bad_name(path) -> InvalidTask:
+    return InvalidTask(path, None, f"`{Path(path).name}` is not a valid task file name",
+                       "rename it to lowercase letters, digits, - and _, ending .yml")
+
+
+def _duplicate(paths) -> InvalidTask:
+    names = " and ".join(p.name for p in paths)
+    return InvalidTask(paths[0], None, f"two files for one task: {names}",
+                       "keep one of them")
