@@ -37,7 +37,10 @@ def _fmt(p, choices=FORMATS):
                    help="output format (default: text)")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only_run: bool = False) -> argparse.ArgumentParser:
+    """The whole CLI, or (ONLY_RUN) just `akm tasks run`: that command starts
+    a process per scheduled run, and building every subparser costs more
+    than the rest of its start-up."""
     common = _common()
     root = _Parser(prog="akm", parents=[common],
                    description="Run akm task assets on a schedule and keep a record of every run.")
@@ -61,6 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--detach", action="store_true",
                    help="return at once and run in the background, output to $AKM_LOG_SINK "
                         "(the crontab uses this so a long task never holds up the scheduler)")
+    if not only_run:
+        _add_the_rest(sub, tsub, cmd)
+    return root
+
+
+def _add_the_rest(sub, tsub, cmd):
 
     p = cmd(tsub, "list", "worker.taskfile:cmd_list",
             "list tasks: enabled, schedule, next run, last status")
@@ -106,7 +115,6 @@ def build_parser() -> argparse.ArgumentParser:
     cmd(sub, "healthcheck", "worker.scheduler:cmd_healthcheck",
         "exit 0 if the scheduler is alive and its crontab loaded (Docker HEALTHCHECK)")
     cmd(sub, "version", "worker.cli:cmd_version", "print akm-worker's and supercronic's versions")
-    return root
 
 
 def cmd_version(args) -> int:
@@ -132,8 +140,13 @@ def _call(target: str, args) -> int:
     return getattr(importlib.import_module(module), func)(args)
 
 
+def _is_run(argv) -> bool:
+    return [a for a in argv if not a.startswith("-")][:2] == ["tasks", "run"]
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(only_run=_is_run(argv)).parse_args(argv)
     if not hasattr(args, "stash"):
         args.stash = None
     try:
