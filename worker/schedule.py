@@ -181,3 +181,87 @@ def _bad_value(tok: str, field: _Field) -> str:
     if field in (_MONTH, _DOW) and re.fullmatch(r"0[0-9]", tok):
         return f"write `{int(tok)}`, not `{tok}` (supercronic reads a leading zero here as 0)"
     return f"`{tok}` is not a valid {field.name} ({field.lo}-{field.hi if field is not _DOW else 7})"
+
+
+# --- fire times (croniter, imported lazily) ----------------------------------
+
+def zone(name: str | None = None):
+    """The zone supercronic schedules in: $TZ (or `name`), UTC if unset or unknown.
+
+    supercronic runs Go's time.Local, which follows TZ; the image leaves it
+    unset, so UTC. An unknown name falls back to UTC, as Go does.
+    """
+    import os
+    from zoneinfo import ZoneInfo
+    name = name if name is not None else os.environ.get("TZ", "")
+    name = name.lstrip(":") or "UTC"
+    try:
+        return ZoneInfo(name)
+    except (ValueError, OSError, KeyError):
+        return ZoneInfo("UTC")
+
+
+def next_fire(expr: str, after, tz=None):
+    """The first fire time strictly after `after` (aware), as aware UTC; None if never.
+
+    Cron arithmetic happens in the schedule's zone `tz` (a tzinfo or a name;
+    default `zone()`): "0 9 * * *" means 09:00 local across DST changes, which
+    UTC arithmetic would get wrong twice a year.
+    """
+    return _fire(expr, after, tz, forward=True)
+
+
+def prev_fire(expr: str, before, tz=None):
+    """The last fire time strictly before `before` (aware), as aware UTC; None if none."""
+    return _fire(expr, before, tz, forward=False)
+
+
+def _fire(expr, when, tz, forward):
+    from datetime import timezone
+    from croniter import croniter, CroniterError
+    if when.tzinfo is None:
+        raise ValueError("pass an aware datetime (e.g. datetime.now(timezone.utc))")
+    if tz is None or isinstance(tz, str):
+        tz = zone(tz)
+    try:
+        text, kwargs = to_croniter(expr)
+        it = croniter(text, when.astimezone(tz), **kwargs)
+        found = it.get_next(type(when)) if forward else it.get_prev(type(when))
+    except (CroniterError, ValueError, KeyError, OverflowError):
+        # A form croniter lacks (LW, nL in 6/7 fields...) or no fire time in
+        # its search window (30 Feb, a past year): "unknown" to the caller.
+        return None
+    return found.astimezone(timezone.utc)
+
+
+def to_croniter(expr: str) -> tuple[str, dict]:
+    """cronexpr text -> (croniter text, croniter kwargs); ValueError if it has no equivalent."""
+    fields = normalise(expr).lower().split()
+    if len(fields) == 1:
+        fields = MACROS[fields[0]].split()
+    fields = [f.replace("?", "*") for f in fields]
+    dom_i, mon_i, dow_i = (2, 3, 4) if len(fields) < 7 else (3, 4, 5)
+    fields[mon_i] = _short_names(fields[mon_i], _MONTH_NUM)
+    fields[dow_i] = ",".join(_croniter_dow(e) for e in _short_names(fields[dow_i], _DAY_NUM).split(","))
+    if "lw" in fields[dom_i].split(","):
+        raise ValueError("croniter has no LW")
+    if len(fields) == 5:
+        return " ".join(fields), {}
+    if len(fields) == 6:
+        # cronexpr's 6th field is a year; croniter's is seconds. Spell it out
+        # as 7 fields with seconds first, which croniter reads as year last.
+        fields = ["0"] + fields
+    return " ".join(fields), {"second_at_beginning": True}
+
+
+def _short_names(field: str, table: dict) -> str:
+    # croniter knows jan/mon but not january/monday.
+    return re.sub(r"[a-z]{4,}", lambda m: m.group(0)[:3] if m.group(0) in table else m.group(0), field)
+
+
+def _croniter_dow(entry: str) -> str:
+    # cronexpr's "5l" (last Friday) is croniter's "l5".
+    if entry.endswith("l") and len(entry) > 1:
+        day = entry[:-1]
+        return "l" + str(_DAY_NUM[day] if day in _DAY_NUM else int(day) % 7)
+    return entry

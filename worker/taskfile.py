@@ -322,3 +322,94 @@ def _duplicate(paths) -> InvalidTask:
     names = " and ".join(p.name for p in paths)
     return InvalidTask(paths[0], None, f"two files for one task: {names}",
                        "keep one of them")
+
+
+# --- `akm tasks list` / `akm tasks validate` ---------------------------------
+
+LIST_COLUMNS = [("id", "id"), ("enabled", "enabled"), ("schedule", "schedule"),
+                ("next_run", "next run"), ("last_status", "last status"),
+                ("last_run", "last run")]
+
+
+def list_rows(stash, now) -> list[dict]:
+    """One row per task file (valid or not), sorted by id; `now` is aware."""
+    from . import schedule
+    tasks, errors = load_all(stash)
+    last = last_runs(stash)
+    tz = schedule.zone()
+    rows = []
+    for t in tasks:
+        nxt = schedule.next_fire(t.schedule, now, tz) if t.enabled else None
+        status, started = last.get(t.id, (None, None))
+        rows.append({"id": t.id, "enabled": t.enabled, "schedule": t.schedule,
+                     "next_run": _iso(nxt), "last_status": status, "last_run": started,
+                     "path": str(t.path)})
+    for e in errors:
+        task_id = Path(e.path).stem
+        status, started = last.get(task_id, (None, None))
+        rows.append({"id": task_id, "enabled": None, "schedule": None, "next_run": None,
+                     "last_status": "invalid", "last_run": started, "path": e.path,
+                     "error": str(e)})
+    rows.sort(key=lambda r: (r["id"], r["path"]))
+    return rows
+
+
+def last_runs(stash) -> dict:
+    """{task_id: (status, started_at)} of each task's newest run; {} without state.db.
+
+    Read-only URI: listing must never create state.db or take a write lock.
+    """
+    import sqlite3
+    from urllib.parse import quote
+    if not stash.state_db.is_file():
+        return {}
+    try:
+        conn = sqlite3.connect(f"file:{quote(str(stash.state_db))}?mode=ro", uri=True, timeout=5)
+        try:
+            # SQLite fills bare columns from the row that holds the MAX().
+            rows = conn.execute("SELECT task_id, status, started_at, MAX(id) "
+                                "FROM runs GROUP BY task_id").fetchall()
+        finally:
+            conn.close()
+    except sqlite3.Error:
+        return {}
+    return {r[0]: (r[1], r[2]) for r in rows}
+
+
+def _iso(dt) -> str | None:
+    return dt.strftime("%Y-%m-%dT%H:%M:%SZ") if dt else None
+
+
+def cmd_list(args) -> int:
+    import sys
+    from datetime import datetime, timezone
+    from .output import emit
+    from .stash import Stash
+    stash = Stash.resolve(args.stash)
+    rows = list_rows(stash, datetime.now(timezone.utc))
+    if not rows and args.format == "text":
+        sys.stderr.write(f"akm: no task files in {stash.tasks_dir} (add tasks/<id>.yml)\n")
+    emit(rows, LIST_COLUMNS, args.format)
+    return 0
+
+
+def cmd_validate(args) -> int:
+    import sys
+    from .errors import EXIT_OK, EXIT_PROBLEMS
+    from .output import emit
+    from .stash import Stash
+    stash = Stash.resolve(args.stash)
+    tasks, errors = load_all(stash)
+    if args.format == "json":
+        rows = [{"id": t.id, "path": str(t.path), "valid": True} for t in tasks]
+        rows += [{"id": Path(e.path).stem, "path": e.path, "valid": False, "field": e.field,
+                  "problem": e.problem, "fix": e.fix, "message": str(e)} for e in errors]
+        emit(sorted(rows, key=lambda r: r["path"]), [], "json")
+    else:
+        for e in errors:
+            sys.stderr.write(f"{e}\n")
+        if not tasks and not errors:
+            print(f"no task files in {stash.tasks_dir} (nothing to check; add tasks/<id>.yml)")
+        else:
+            print(f"{len(tasks)} valid, {len(errors)} invalid")
+    return EXIT_PROBLEMS if errors else EXIT_OK
