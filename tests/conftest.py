@@ -34,7 +34,7 @@ def run_akm(stash, *args, env=None, timeout=60, **kw) -> subprocess.CompletedPro
     full_env["AKM_STASH"] = str(stash)
     full_env.update(env or {})
     return subprocess.run([AKM, *map(str, args)], env=full_env, capture_output=True,
-                          text=True, timeout=timeout, **kw)
+                          text=True, errors="replace", timeout=timeout, **kw)
 
 
 @pytest.fixture
