@@ -78,11 +78,11 @@ def connect(stash, readonly: bool = False) -> sqlite3.Connection | None:
         conn.row_factory = sqlite3.Row
         conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
         version = conn.execute("PRAGMA user_version").fetchone()[0]
-        if not readonly:
-            _prepare(conn, version)
-        elif version > SCHEMA_VERSION:
+        if version > SCHEMA_VERSION:
             raise StateError(f"{path} has schema version {version}, newer than this "
                              f"akm-worker ({SCHEMA_VERSION}): upgrade the image")
+        if not readonly:
+            _prepare(conn, version)
         return conn
     except sqlite3.DatabaseError as e:
         raise StateError(_explain(path, e)) from None
