@@ -122,7 +122,7 @@ def _parse_yaml(path: Path, data: bytes):
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise InvalidTask(path, None, f"not UTF-8 text (byte {e.start})",
+        raise InvalidTask(path, None, f"not UTF-8 text (bad byte at offset {e.start})",
                           "save it as UTF-8") from None
     if text.startswith("\ufeff"):
         text = text[1:]
@@ -141,7 +141,7 @@ def _parse_yaml(path: Path, data: bytes):
         raise InvalidTask(path, None, "the file is empty",
                           "write at least `schedule:` and `command:`")
     if not isinstance(doc, dict):
-        raise InvalidTask(path, None, f"the file is a YAML {_kind(doc)}, not a mapping",
+        raise InvalidTask(path, None, f"the file holds {_kind(doc)}, not a mapping",
                           "write `key: value` lines such as `schedule:` and `command:`")
     return doc
 
@@ -184,7 +184,7 @@ def _check_keys(path, doc):
     for key in doc:
         if key in FIELDS:
             continue
-        shown = key if isinstance(key, str) else repr(key)
+        shown = _shown(key)
         close = difflib.get_close_matches(str(key), FIELDS, n=1, cutoff=0.6) or \
             difflib.get_close_matches(str(key).lower(), [f.lower() for f in FIELDS], n=1)
         if close:
@@ -245,7 +245,7 @@ def _get_schedule(path, value) -> str:
     if problem:
         # Structural problems get the general fix; a field's problem already says it.
         general = problem.startswith(("is ", "has ", "contains", "unknown"))
-        raise InvalidTask(path, "schedule", f"`{value.strip()}`{' ' if general else ': '}{problem}",
+        raise InvalidTask(path, "schedule", f"`{_shown(value.strip())}`{' ' if general else ': '}{problem}",
                           _schedule.FIX if general else "")
     return _schedule.normalise(value)
 
@@ -279,7 +279,7 @@ def _get_env(path, value) -> dict:
     env = {}
     for name, raw in value.items():
         if not isinstance(name, str) or not _ENV_NAME.fullmatch(name):
-            raise InvalidTask(path, "env", f"`{name}` is not a valid variable name",
+            raise InvalidTask(path, "env", f"`{_shown(name)}` is not a valid variable name",
                               "use letters, digits and _, not starting with a digit")
         if isinstance(raw, bool) or raw is None or not isinstance(raw, (str, int, float)):
             raise InvalidTask(path, "env", f"`{name}` is {_kind(raw)}, not a string",
@@ -307,6 +307,19 @@ def _get_version(path, value):
     return str(value)
 
 
+def _shown(value, limit: int = 60) -> str:
+    """User text fit for a one-line message: control characters escaped, cut short."""
+    text = value if isinstance(value, str) else repr(value)
+    if not text.isprintable():
+        text = repr(text)[1:-1]
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _shown_path(path) -> str:
+    # A file name with a newline in it must not break "one line per file".
+    return str(Path(path).parent / _shown(Path(path).name, limit=200))
+
+
 def _kind(value) -> str:
     names = {bool: "a boolean", int: "a number", float: "a number", str: "a string",
              list: "a list", dict: "a mapping", type(None): "empty"}
@@ -314,11 +327,13 @@ def _kind(value) -> str:
 
 
 def _bad_name(path) -> InvalidTask:
-    return InvalidTask(path, None, f"`{Path(path).name}` is not a valid task file name",
+    return InvalidTask(_shown_path(path), None,
+                       f"`{_shown(Path(path).name)}` is not a valid task file name",
                        "rename it to lowercase letters, digits, - and _, ending .yml")
 
 
 def _duplicate(paths) -> InvalidTask:
+    paths = sorted(paths)
     names = " and ".join(p.name for p in paths)
     return InvalidTask(paths[0], None, f"two files for one task: {names}",
                        "keep one of them")
