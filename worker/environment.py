@@ -117,8 +117,9 @@ class LineSplitter:
         piece = b""
         if len(tail) > self.MAX_LINE:
             tail = self.masker.mask(tail)
-            keep = self.masker.holdback
-            piece, tail = tail[:len(tail) - keep], tail[len(tail) - keep:]
+            # Masking may shrink it below what must be held back.
+            cut = max(0, len(tail) - self.masker.holdback)
+            piece, tail = tail[:cut], tail[cut:]
         self.rest = tail
         return self.masker.mask(block), piece
 
