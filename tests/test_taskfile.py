@@ -93,6 +93,23 @@ def test_unknown_id_is_a_usage_error(stash):
         load(stash, "../etc/passwd")
 
 
+def test_running_a_file_with_a_bad_name_says_what_is_wrong(stash):
+    write_task(stash, "Report", GOOD)
+    with pytest.raises(InvalidTask) as e:
+        load(stash, "Report")
+    assert "`Report.yml` is not a valid task file name" in str(e.value)
+
+
+def test_block_scalar_schedule_with_a_trailing_newline_is_fine(stash):
+    write_task(stash, "t", "schedule: |\n  */5 * * * *\ncommand: x\n")
+    assert load(stash).schedule == "*/5 * * * *"
+
+
+def test_schedule_spanning_two_lines_is_invalid(stash):
+    e = invalid(stash, "schedule: \"*/5 * *\\n* *\"\ncommand: x\n")
+    assert "contains characters cron does not use" in str(e) and "\n" not in str(e)
+
+
 # --- one line naming the file, the field and the fix ---------------------------
 
 @pytest.mark.parametrize("text,message", [

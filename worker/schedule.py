@@ -99,6 +99,9 @@ def check(expr: str) -> str | None:
     """
     if not isinstance(expr, str) or not expr.strip():
         return "is empty"
+    # Outer whitespace goes away in normalise(); inside, only spaces and tabs
+    # separate fields (a newline would split the crontab line).
+    expr = expr.strip()
     if not _PRINTABLE.fullmatch(expr):
         return "contains characters cron does not use"
     fields = expr.split()

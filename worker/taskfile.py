@@ -14,7 +14,6 @@ Decisions a user can see (README "Task files"):
   other `.yml`/`.yaml` names must be valid ids.
 """
 
-import difflib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,6 +58,13 @@ class Task:
 def load_task(stash, task_id: str) -> Task:
     """The task `task_id`; UnknownTask if no file, InvalidTask if it is bad."""
     if not ID_RE.fullmatch(task_id or ""):
+        # `akm tasks run Report` with tasks/Report.yml present: say what is
+        # wrong with the file rather than "unknown". Plain names only, so an
+        # id like ../x never makes us look outside tasks/.
+        plain = task_id and "/" not in task_id and "\0" not in task_id and task_id[0] != "."
+        for ext in EXTENSIONS if plain else ():
+            if (stash.tasks_dir / f"{task_id}{ext}").exists():
+                raise _bad_name(stash.tasks_dir / f"{task_id}{ext}")
         raise UnknownTask(task_id, stash.tasks_dir)
     paths = [p for p in (stash.tasks_dir / f"{task_id}{ext}" for ext in EXTENSIONS)
              if p.exists() or p.is_symlink()]
@@ -184,6 +190,7 @@ def _check_keys(path, doc):
     for key in doc:
         if key in FIELDS:
             continue
+        import difflib  # only when a key is wrong: keep it off the hot path
         shown = _shown(key)
         close = difflib.get_close_matches(str(key), FIELDS, n=1, cutoff=0.6) or \
             difflib.get_close_matches(str(key).lower(), [f.lower() for f in FIELDS], n=1)
