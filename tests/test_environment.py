@@ -33,7 +33,7 @@ def test_secret_looking_names(name):
     assert looks_secret(name)
 
 
-@pytest.mark.parametrize("name", ["HOME", "PATH", "TZ", "LANG", "HOSTNAME"])
+@pytest.mark.parametrize("name", ["HOME", "PATH", "TZ", "LANG", "HOSTNAME", "PWD", "GIT_AUTHOR_NAME"])
 def test_ordinary_names(name):
     assert not looks_secret(name)
 

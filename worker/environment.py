@@ -18,8 +18,9 @@ MASK = b"***"
 MIN_SECRET_LEN = 4
 _REF = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 # Names that usually carry credentials (matched on the upper-cased name).
+# Not PWD (the working directory) nor AUTHOR (git's GIT_AUTHOR_NAME).
 _SECRET_NAME = re.compile(
-    r"KEY|TOKEN|SECRET|PASSW|PASS|PWD|WEBHOOK|DSN|CREDENTIAL|AUTH|PRIVATE|COOKIE|SESSION")
+    r"KEY|TOKEN|SECRET|PASS|WEBHOOK|DSN|CREDENTIAL|AUTH(?!OR)|PRIVATE|COOKIE|SESSION")
 
 
 def looks_secret(name: str) -> bool:
