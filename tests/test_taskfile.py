@@ -200,7 +200,17 @@ def test_unreadable_file_is_one_clean_line(stash):
 
 def test_directory_named_like_a_task_is_invalid(stash):
     (stash / "tasks" / "t.yml").mkdir()
-    assert "cannot read it" in str(_raises(stash))
+    assert "is not a regular file" in str(_raises(stash))
+
+
+def test_fifo_named_like_a_task_is_invalid_not_a_hang(stash):
+    os.mkfifo(stash / "tasks" / "t.yml")
+    assert "is not a regular file" in str(_raises(stash))
+
+
+def test_dangling_symlink_is_one_clean_line(stash):
+    (stash / "tasks" / "t.yml").symlink_to(stash / "gone.yml")
+    assert "cannot read it: No such file or directory" in str(_raises(stash))
 
 
 def test_two_files_for_one_id_is_an_error_for_that_id(stash):

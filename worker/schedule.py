@@ -205,7 +205,11 @@ def zone(name: str | None = None):
 
 
 def next_fire(expr: str, after, tz=None):
-    """The first fire time strictly after `after` (aware), as aware UTC; None if never.
+    """The first fire time strictly after `after` (aware), as aware UTC.
+
+    None if it never fires again, if croniter cannot find one within its
+    search window (about 50 years: `0 0 1 1 * 2099` today), or for the one
+    form croniter lacks (`LW`). Callers show None as "-".
 
     Cron arithmetic happens in the schedule's zone `tz` (a tzinfo or a name;
     default `zone()`): "0 9 * * *" means 09:00 local across DST changes, which

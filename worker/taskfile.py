@@ -15,6 +15,7 @@ Decisions a user can see (README "Task files"):
 """
 
 import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -117,6 +118,9 @@ def parse_file(path: Path, task_id: str) -> Task:
     if not ID_RE.fullmatch(task_id):
         raise _bad_name(path)
     try:
+        # A FIFO named like a task would block read_bytes() forever.
+        if not stat.S_ISREG(path.stat().st_mode):
+            raise InvalidTask(path, None, "is not a regular file", "replace it with a YAML file")
         data = path.read_bytes()
     except OSError as e:
         raise InvalidTask(path, None, f"cannot read it: {e.strerror or e}",
