@@ -97,7 +97,8 @@ def mask_url(url: str | None) -> str:
     m = _WEBHOOK_PATH.match(parts.path or "")
     if not parts.hostname or not m:
         return "<webhook URL>"
-    return f"{parts.scheme}://{parts.hostname}/api/webhooks/…{m.group(1)[-4:]}/***"
+    port = f":{parts.port}" if parts.port else ""
+    return f"{parts.scheme}://{parts.hostname}{port}/api/webhooks/…{m.group(1)[-4:]}/***"
 
 
 def scrub(text: str, url: str | None) -> str:
