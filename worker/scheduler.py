@@ -274,6 +274,7 @@ class Scheduler:
         # Detached runners write their output straight to our stdout, the
         # container's log (/proc/1/fd/1 in the image).
         env.setdefault("AKM_LOG_SINK", f"/proc/{os.getpid()}/fd/1")
+        _check_sink(env["AKM_LOG_SINK"])
         # Crontab lines say `akm`: make it this installation's akm.
         bindir = str(Path(sys.executable).parent)
         env["PATH"] = bindir + os.pathsep + env.get("PATH", "/usr/bin:/bin")
@@ -407,6 +408,15 @@ class Scheduler:
         self.reap()
         self.write_status("stopped")
         _log("stopped")
+
+
+def _check_sink(path: str) -> None:
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_APPEND))
+    except OSError as e:
+        _log(f"task output cannot reach the container log ({path}: {e.strerror}); runs are "
+             f"still recorded in state.db and logs/. Start the container as root (the "
+             f"default) and let PUID/PGID choose the user, rather than `user:`")
 
 
 def _describe(code: int) -> str:
