@@ -282,3 +282,13 @@ def test_once_exit_codes(stash, fake):
     assert r.returncode == 64
     assert [row["outcome"] for row in reports(stash)] == ["ok", "gone"]
     assert json.dumps(reports(stash)).count(fake.token) == 0
+
+
+def test_unreadable_state_db_is_posted_as_news(stash, fake):
+    (stash / "state.db").write_bytes(b"not a database at all" * 200)
+    car, _, out = sidecar(stash, settings(fake.url))
+    assert car.tick().ok
+    body = fake.requests[0]["body"]
+    assert body["embeds"][0]["color"] == discord.RED and fake.requests[0]["errors"] == []
+    assert "corrupted" in body["embeds"][0]["description"]
+    assert "cannot build the report" in out.getvalue()

@@ -163,6 +163,19 @@ def render(report, username: str | None = None, masker=None) -> dict:
     return body
 
 
+def render_error(message: str, username: str | None = None, masker=None) -> dict:
+    """A red message for when there is no report at all (state.db unreadable)."""
+    mask = masker.mask_text if masker else (lambda s: s)
+    body = {"content": "**akm-worker: no health report**",
+            "embeds": [{"title": "akm-worker cannot build its health report", "color": RED,
+                        "description": _cut(mask(message), DESCRIPTION_MAX)}],
+            "allowed_mentions": {"parse": []}}
+    name = clean_username(username)
+    if name:
+        body["username"] = name
+    return body
+
+
 def _problem_fields(problems, budget, mask) -> list[dict]:
     fields = []
     for i, p in enumerate(problems):
@@ -292,8 +305,9 @@ def post(url: str, body: dict, timeout: float = 10.0, max_attempts: int = 4,
         return PostResult(Outcome.NOT_CONFIGURED, None, problem, 0)
     data = json.dumps(body, ensure_ascii=False).encode("utf-8")
     token = _WEBHOOK_PATH.match(_path(url.strip())).group(2)
-    # Belt and braces: a task's error line could quote the webhook URL itself.
-    data = data.replace(token.encode(), b"***")
+    if len(token) >= 8:
+        # Belt and braces: a task's error line could quote the webhook URL itself.
+        data = data.replace(token.encode(), b"***")
     result = None
     for attempt in range(1, max_attempts + 1):
         result, wait = _attempt(url.strip(), data, timeout, attempt)

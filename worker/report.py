@@ -151,12 +151,14 @@ class Sidecar:
         try:
             report = check(self.stash, now, self.window(now))
         except AkmError as e:
+            # No report is itself the news: an unreadable state.db stops everything.
             self.log(f"cannot build the report: {e}")
-            return None
-        if self.settings.only_problems and report.ok:
-            self.log("nothing wrong; not posting (REPORT_ONLY_PROBLEMS=1)")
-            return None
-        body = discord.render(report, self.settings.username, self.masker)
+            report, body = None, discord.render_error(str(e), self.settings.username, self.masker)
+        else:
+            if self.settings.only_problems and report.ok:
+                self.log("nothing wrong; not posting (REPORT_ONLY_PROBLEMS=1)")
+                return None
+            body = discord.render(report, self.settings.username, self.masker)
         try:
             result = self._post(self.settings.url, body, sleep=self._nap)
         except _Stop:
@@ -182,8 +184,9 @@ class Sidecar:
             self._sleep(min(TICK, end - self.monotonic()))
 
     def _log_result(self, result, report):
-        n = len(report.problems)
-        what = f"{n} problem{'s' if n != 1 else ''}" if n else "all good"
+        n = len(report.problems) if report else 0
+        what = (f"{n} problem{'s' if n != 1 else ''}" if n else "all good") if report \
+            else "no report: state.db unreadable"
         if result.ok:
             self.log(f"posted the report ({what}): {result.detail}")
         elif result.outcome is Outcome.GONE:
