@@ -262,3 +262,25 @@ def test_malformed_url_is_not_posted():
 def test_the_token_is_scrubbed_from_the_body(fake):
     post(fake.url, {"content": f"a task printed {fake.url}"}, sleep=Sleeps())
     assert fake.token not in fake.requests[0]["body"]["content"]
+
+
+def test_the_fake_server_runs_as_a_program_for_other_processes():
+    # The image test runs it this way: another process scripts it over HTTP.
+    import subprocess
+    import sys
+    import urllib.request
+    from pathlib import Path
+    proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("fake_discord.py"))],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        url = proc.stdout.readline().strip()
+        base = url.split("/api/")[0]
+        urllib.request.urlopen(urllib.request.Request(
+            f"{base}/_control/script", data=b'["not_found"]', method="POST"), timeout=5)
+        assert post(url, BODY, sleep=Sleeps()).outcome is Outcome.GONE
+        assert post(url, BODY, sleep=Sleeps()).ok
+        with urllib.request.urlopen(f"{base}/_control/requests", timeout=5) as r:
+            assert [x["body"] for x in json.load(r)] == [BODY, BODY]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=5)
