@@ -98,16 +98,27 @@ class Sidecar:
         self.log(f"posting to {discord.mask_url(s.url)} on schedule {s.schedule!r}"
                  + (", only when something is wrong" if s.only_problems else ""))
         if s.on_start:
-            self.tick()
+            self._safe_tick()
         while not self.stop:
             due = self._next_due()
             if due is None:
                 return self.idle(f"REPORT_SCHEDULE {s.schedule!r} never fires again")
             self.sleep_until(due)
             if not self.stop:
-                self.tick()
+                self._safe_tick()
         self.log("stopping")
         return EXIT_OK
+
+    def _safe_tick(self):
+        # A bug in one report must not take the sidecar down into a restart
+        # loop; the next tick may well work (AKM_DEBUG=1 shows the traceback).
+        try:
+            self.tick()
+        except Exception as e:  # noqa: BLE001
+            if os.environ.get("AKM_DEBUG") == "1":
+                raise
+            self.log(f"internal error while reporting: {type(e).__name__}: {e} "
+                     f"(please report it)")
 
     def _next_due(self):
         from .schedule import next_fire
