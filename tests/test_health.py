@@ -339,3 +339,26 @@ def test_corrupt_state_db_in_the_middle_is_exit_74(stash, akm):
     r = akm("health")
     assert r.returncode in (0, 1, 74) and "Traceback" not in r.stderr
     assert "internal error" not in r.stderr
+
+
+def test_every_kind_at_once_each_exactly_once(stash, db, live_runner):
+    for t in ("ok", "bad", "slow"):
+        task(stash, t, "0 * * * *", timeout=60, token_budget=1000)
+        hourly_history(db, t, at("2026-11-25T06:00"))
+    task(stash, "missed", "0 * * * *")
+    hourly_history(db, "missed", at("2026-11-25T05:00"))
+    write_task(stash, "broken", "schedule: 'every hour'\ncommand: echo\n")
+    for status in ("failed", "timeout", "error", "abandoned"):
+        add_run(db, "bad", NOW - timedelta(minutes=30), status)
+    add_run(db, "bad", NOW - timedelta(minutes=20), tokens=(900, 200))
+    live_runner("slow", "tok")
+    add_run(db, "slow", NOW - timedelta(minutes=10), "running", runner="tok")
+    with db:
+        db.execute("INSERT INTO reports (attempted_at, outcome, http_status) "
+                   "VALUES (?, 'gone', 404)", (clock.iso_dt(NOW - timedelta(hours=4)),))
+    report = health(stash)
+    assert [str(p.kind) for p in report.problems] == [str(k) for k in Kind]
+    assert not [p for p in report.problems if p.task == "ok"]
+    data = report.as_json()
+    assert {p["kind"] for p in data["problems"]} == {str(k) for k in Kind}
+    json.dumps(data)

@@ -382,13 +382,14 @@ def _local(dt, tz) -> str:
 
 
 def human(seconds: float) -> str:
-    """45s, 6m, 2h 5m, 3d 4h: two units at most."""
+    """45s, 6m, 5m 30s, 2h 5m, 3d 4h: two units at most."""
     s = int(round(seconds))
-    for unit, size, sub, subsize in (("d", 86400, "h", 3600), ("h", 3600, "m", 60)):
+    for big, size, small, subsize in (("d", 86400, "h", 3600), ("h", 3600, "m", 60),
+                                      ("m", 60, "s", 1)):
         if s >= size:
             rest = (s % size) // subsize
-            return f"{s // size}{unit}" + (f" {rest}{sub}" if rest else "")
-    return f"{s // 60}m" if s >= 60 and s % 60 == 0 else (f"{s // 60}m {s % 60}s" if s >= 60 else f"{s}s")
+            return f"{s // size}{big}" + (f" {rest}{small}" if rest else "")
+    return f"{s}s"
 
 
 # -- the command --------------------------------------------------------------
