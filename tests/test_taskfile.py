@@ -397,3 +397,21 @@ def test_fuzzed_task_file_through_the_cli_never_shows_a_traceback(blob, tmp_path
         r = run_akm(root, *args)
         assert r.returncode in codes, (args, r.stderr)
         assert "Traceback" not in r.stderr and "internal error" not in r.stderr
+
+
+def test_cached_task_follows_every_edit(stash, akm):
+    """A run reads the parsed-task cache; any change to the file must show."""
+    import os
+    import time
+    path = write_task(stash, "edit", 'schedule: "@daily"\ncommand: "echo one"\n')
+    old = time.time() - 10
+    os.utime(path, (old, old))       # old enough to be cached
+    assert akm("tasks", "run", "edit").stdout == "one\n"
+    assert (stash / ".akm/cache/tasks/edit.json").exists()
+    assert akm("tasks", "run", "edit").stdout == "one\n"   # served from the cache
+    path.write_text('schedule: "@daily"\ncommand: "echo two"\n')   # same size, same inode
+    assert akm("tasks", "run", "edit").stdout == "two\n"
+    path.write_text('schedule: "@daily"\ncommand: ""\n')
+    assert akm("tasks", "run", "edit").returncode == 65
+    path.unlink()
+    assert akm("tasks", "run", "edit").returncode == 64

@@ -15,7 +15,22 @@ from .errors import EXIT_INTERNAL, EXIT_USAGE, AkmError
 FORMATS = ("text", "json")
 
 
+class _Formatter(argparse.HelpFormatter):
+    # argparse's own formatter imports shutil (and with it bz2 and lzma) to
+    # measure the terminal, on every run, even when no help is printed.
+    def __init__(self, prog, **kw):
+        try:
+            width = os.get_terminal_size().columns - 2
+        except OSError:
+            width = 78
+        super().__init__(prog, width=max(40, min(width, 118)), **kw)
+
+
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *a, **kw):
+        kw.setdefault("formatter_class", _Formatter)
+        super().__init__(*a, **kw)
+
     def error(self, message):
         # argparse exits 2; ours is documented as 64 (EX_USAGE) everywhere.
         self.print_usage(sys.stderr)
