@@ -139,8 +139,9 @@ def render(report, username: str | None = None, masker=None) -> dict:
     main = {"title": budget.take(_cut(title, TITLE_MAX)),
             "color": {"red": RED, "amber": AMBER}.get(severity(report), GREEN),
             "timestamp": report.generated_at.isoformat()}
-    footer = (f"last {window} · {len(report.tasks)} tasks · "
-              f"akm health --window {window} for everything")
+    # The compose file names the container `worker`: the commands work as typed.
+    footer = (f"last {window} · {len(report.tasks)} tasks · commands run in the worker: "
+              f"docker exec worker akm health --window {window}")
     main["footer"] = {"text": budget.take(_cut(footer, FOOTER_MAX))}
     if n:
         # Keep room for the tasks embed (title and its "…and N more").
@@ -203,8 +204,8 @@ def _field_value(p) -> str:
     # The error text is the task's (masked) own words: keep it out of markdown
     # code spans it could break, but let people copy the command.
     value = p.detail.replace("`", "'")
-    if p.logs_command:
-        value = _cut(value, FIELD_VALUE_MAX - len(p.logs_command) - 4) + f"\n`{p.logs_command}`"
+    if p.command:
+        value = _cut(value, FIELD_VALUE_MAX - len(p.command) - 4) + f"\n`{p.command}`"
     return value
 
 

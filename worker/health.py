@@ -66,6 +66,15 @@ class Problem:
             return f"akm logs {self.task} --run {self.run_id}"
         return None
 
+    @property
+    def command(self) -> str | None:
+        """What to type to look closer: the run's log, else the kind's own look."""
+        if self.logs_command:
+            return self.logs_command
+        return {Kind.LATE: f"akm runs --task {self.task}",
+                Kind.INVALID: "akm tasks validate",
+                Kind.REPORT_FAILING: "docker compose logs report"}.get(self.kind)
+
     def as_json(self) -> dict:
         return {"task": self.task, "kind": str(self.kind), "detail": self.detail,
                 "run_id": self.run_id}
@@ -434,8 +443,8 @@ def render_text(report: Report) -> str:
                          + (f"  run {p.run_id}" if p.run_id is not None else ""))
             lines += textwrap.wrap(p.detail, WIDTH, initial_indent="  ",
                                    subsequent_indent="  ", break_on_hyphens=False)
-            if p.logs_command:
-                lines.append(f"  see: {p.logs_command}")
+            if p.command:
+                lines.append(f"  see: {p.command}")
         lines.append("")
     if report.tasks:
         lines.append(_row([c[0] for c in _COLUMNS]))
