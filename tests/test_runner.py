@@ -19,6 +19,10 @@ def rows(stash, sql="SELECT * FROM runs ORDER BY id"):
     conn.row_factory = sqlite3.Row
     try:
         return [dict(r) for r in conn.execute(sql)]
+    except sqlite3.OperationalError as e:
+        if "no such table" in str(e):  # a detached first run is creating it
+            return []
+        raise
     finally:
         conn.close()
 

@@ -83,6 +83,9 @@ def connect(stash, readonly: bool = False) -> sqlite3.Connection | None:
                              f"akm-worker ({SCHEMA_VERSION}): upgrade the image")
         if not readonly:
             _prepare(conn, version)
+        elif version == 0:
+            conn.close()
+            return None  # being created by a first run right now: no runs yet
         return conn
     except sqlite3.DatabaseError as e:
         raise StateError(_explain(path, e)) from None
