@@ -258,3 +258,13 @@ def test_second_sigterm_kills_at_once(stash, tmp_path, running):
     assert r.stop(signal.SIGTERM, timeout=10) == 0
     assert time.monotonic() - t0 < 5
     assert "killing them" in r.text()
+
+
+def test_prune_runs_as_a_reaped_child(stash, tmp_path, capsys):
+    from worker.stash import Stash
+    sched = scheduler.Scheduler(Stash(stash), tmp_path / "crontab", tmp_path / "status.json",
+                                retention=30)
+    sched.start_prune()
+    assert sched.prune_pid
+    _wait(lambda: sched.reap() is None and sched.prune_pid is None, 20, "prune to finish")
+    assert "prune exited" not in capsys.readouterr().out   # it exited 0

@@ -71,3 +71,46 @@ def test_runs_unprivileged_and_in_tz(docker_client, image, tmp_path):
         assert "TZ=Asia/Kolkata" in logs(c)
     finally:
         remove(c)
+
+
+def _context(tmp_path, files: dict[str, bytes]):
+    from .conftest import REPO
+    ctx = tmp_path / "ctx"
+    (ctx / "offline").mkdir(parents=True)
+    (ctx / "Dockerfile").write_bytes((REPO / "Dockerfile").read_bytes())
+    for name, data in files.items():
+        (ctx / name).write_bytes(data)
+    return ctx
+
+
+def _build_supercronic_stage(ctx, *args):
+    import subprocess
+    return subprocess.run(["docker", "build", "--no-cache", "--target", "supercronic", *args,
+                           "-t", "akm-worker-test-sc", str(ctx)],
+                          capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+
+
+@pytest.mark.skipif(os.uname().machine != "x86_64", reason="the pinned sha256 is amd64's")
+def test_tampered_offline_deb_fails_the_build(docker_client, tmp_path):
+    ctx = _context(tmp_path, {"offline/supercronic_0.2.45-1_amd64.deb": b"not the real package"})
+    done = _build_supercronic_stage(ctx)
+    assert done.returncode != 0
+    assert "sha256 does not match the pinned" in done.stdout + done.stderr
+
+
+@pytest.mark.skipif(os.uname().machine != "x86_64", reason="amd64 file names")
+def test_offline_binary_is_checked_against_its_sha1(docker_client, tmp_path):
+    import hashlib
+    import subprocess
+    fake = b"#!/bin/sh\necho fake\n"
+    ctx = _context(tmp_path, {"offline/supercronic-linux-amd64": fake})
+    done = _build_supercronic_stage(ctx, "--build-arg", "SUPERCRONIC_VERSION=v9.9.9")
+    assert done.returncode != 0 and "no SHA1SUM pinned" in done.stdout + done.stderr
+    sha1 = hashlib.sha1(fake).hexdigest()
+    done = _build_supercronic_stage(ctx, "--build-arg", "SUPERCRONIC_VERSION=v9.9.9",
+                                    "--build-arg", f"SUPERCRONIC_SHA1SUM={sha1}")
+    assert done.returncode == 0, done.stdout + done.stderr
+    out = subprocess.run(["docker", "run", "--rm", "akm-worker-test-sc", "cat", "/out/version"],
+                         capture_output=True, text=True).stdout
+    assert out.strip() == f"v9.9.9 (upstream release binary supercronic-linux-amd64, sha1 {sha1})"
+    subprocess.run(["docker", "rmi", "-f", "akm-worker-test-sc"], capture_output=True)
