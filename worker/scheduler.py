@@ -282,9 +282,9 @@ class Scheduler:
         # runner forked"; the runs themselves are in state.db and the log.
         # Warnings and errors still show. AKM_SUPERCRONIC_VERBOSE=1 for all.
         verbose = os.environ.get("AKM_SUPERCRONIC_VERBOSE") == "1"
-        argv = [self.supercronic_bin, "-passthrough-logs", "-quiet", str(self.crontab)]
-        if verbose:
-            argv[2] = "-debug"
+        # -no-reap: we reap (its own reaping needs PID 1, and it warns without).
+        argv = [self.supercronic_bin, "-no-reap", "-passthrough-logs",
+                "-debug" if verbose else "-quiet", str(self.crontab)]
         try:
             self.supercronic_pid = os.posix_spawnp(self.supercronic_bin, argv, env)
         except OSError as e:
