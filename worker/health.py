@@ -10,9 +10,10 @@ and the newest run's id (an every-5-minutes task failing all day is one
 line that says 288, not 288 lines).
 
 Speed (1,000,000 runs, under 300 ms): every query walks an index over the
-window or over one task (see state.py): (started_at) for the window
-aggregates, (task_id, started_at) for a task's newest run, the partial
-index for `running` rows. Nothing reads the whole table.
+window or over one task (see state.py). The window's rows are read once, by
+the (started_at) index, for every per-task figure and every run problem;
+(task_id, started_at) finds a task's newest run; the partial index finds
+`running` rows. Nothing reads the whole table.
 """
 
 import os
@@ -43,7 +44,6 @@ class Kind(StrEnum):
 RED = frozenset({Kind.FAILED, Kind.TIMEOUT, Kind.ERROR, Kind.ABANDONED, Kind.INVALID,
                  Kind.RUNNING_LONG})
 RUN_KINDS = (Kind.FAILED, Kind.TIMEOUT, Kind.ERROR, Kind.ABANDONED)  # = their run status
-FAILURE_STATUSES = tuple(str(k) for k in RUN_KINDS)
 
 LATE_GRACE_MIN = 60.0        # seconds; a cron tick plus a slow container start
 LATE_GRACE_SHARE = 0.10      # of the schedule's interval
@@ -172,17 +172,17 @@ def _from_db(report, conn, tasks, tz):
     db = _Db(conn, report.generated_at, report.window)
     by_id = {t.id: t for t in tasks}
     summaries = {t.id: TaskSummary(t.id, t.enabled, t.schedule) for t in tasks}
-    for row in db.window_totals():
+    for row in db.window({t.id: t.token_budget for t in tasks if t.token_budget}):
         s = summaries.setdefault(row["task_id"], TaskSummary(row["task_id"], None, None))
-        s.runs, s.successes, s.failures = row["runs"], row["successes"], row["failures"]
-        s.tokens, s.cost_usd = row["tokens"], round(row["cost"], 6)
+        s.runs, s.successes = row["runs"], row["successes"]
+        s.failures = sum(row[f"n_{k}"] for k in RUN_KINDS)
+        s.tokens, s.cost_usd = int(row["tokens"]), round(row["cost"], 6)
+        report.problems += db.window_problems(row, by_id.get(s.task))
     for s in summaries.values():
         last = db.last_run(s.task)
         if last:
             s.last_status, s.last_run_id, s.last_started_at = (
                 last["status"], last["id"], last["started_at"])
-    report.problems += db.failure_problems()
-    report.problems += [p for t in tasks if t.token_budget for p in db.over_budget(t)]
     report.problems += db.running_long(by_id)
     started = db.meta("scheduler_started_at")
     for t in tasks:
@@ -220,50 +220,54 @@ class _Db:
     def _rows(self, sql, params=()):
         return self.conn.execute(sql, params).fetchall() if self.conn else []
 
-    def window_totals(self):
-        marks = ",".join("?" * len(FAILURE_STATUSES))
+    def window(self, budgets: dict):
+        """Every per-task figure of the window in ONE pass over its rows (the
+        (started_at) index): totals, a count and newest id per failure kind,
+        and the runs over the task's budget (joined from a temp table)."""
+        if not self.conn:
+            return []
+        self.conn.execute("CREATE TEMP TABLE IF NOT EXISTS budgets "
+                          "(task_id TEXT PRIMARY KEY, budget INTEGER) WITHOUT ROWID")
+        self.conn.execute("DELETE FROM temp.budgets")
+        self.conn.executemany("INSERT INTO temp.budgets VALUES (?, ?)", budgets.items())
+        tokens = "coalesce(r.prompt_tokens, 0) + coalesce(r.completion_tokens, 0)"
+        per_kind = "".join(f", sum(r.status = '{k}') AS n_{k}, "
+                           f"max(CASE WHEN r.status = '{k}' THEN r.id END) AS id_{k}"
+                           for k in RUN_KINDS)
         return self._rows(
-            "SELECT task_id, count(*) AS runs, "
-            "  sum(status = 'success') AS successes, "
-            f"  sum(status IN ({marks})) AS failures, "
-            "  total(coalesce(prompt_tokens, 0) + coalesce(completion_tokens, 0)) AS tokens, "
-            "  total(cost_usd) AS cost "
-            "FROM runs WHERE started_at >= ? AND started_at <= ? GROUP BY task_id",
-            (*FAILURE_STATUSES, self.since, self.now))
+            "SELECT r.task_id, count(*) AS runs, sum(r.status = 'success') AS successes, "
+            f"total({tokens}) AS tokens, total(r.cost_usd) AS cost{per_kind}, "
+            f"sum({tokens} > b.budget) AS n_over_budget, "
+            f"max(CASE WHEN {tokens} > b.budget THEN r.id END) AS id_over_budget "
+            "FROM runs r LEFT JOIN temp.budgets b ON b.task_id = r.task_id "
+            "WHERE r.started_at >= ? AND r.started_at <= ? GROUP BY r.task_id",
+            (self.since, self.now))
+
+    def window_problems(self, row, task) -> list[Problem]:
+        """failed/timeout/error/abandoned/over_budget for one task's window row."""
+        out = []
+        for kind in RUN_KINDS:
+            if row[f"n_{kind}"]:
+                run = self.run(row[f"id_{kind}"])
+                out.append(Problem(row["task_id"], kind,
+                                   _run_detail(row[f"n_{kind}"], run, self.label), run["id"]))
+        if row["n_over_budget"]:
+            run = self.run(row["id_over_budget"])
+            used = (run["prompt_tokens"] or 0) + (run["completion_tokens"] or 0)
+            detail = (f"{_times(row['n_over_budget'])} over the budget of "
+                      f"{task.token_budget:,} tokens in the last {self.label}; "
+                      f"latest: run {run['id']} used {used:,}")
+            out.append(Problem(row["task_id"], Kind.OVER_BUDGET, detail, run["id"]))
+        return out
+
+    def run(self, run_id):
+        return self._rows("SELECT * FROM runs WHERE id = ?", (run_id,))[0]
 
     def last_run(self, task_id):
         rows = self._rows(
             "SELECT id, status, started_at FROM runs WHERE task_id = ? AND started_at <= ? "
             "ORDER BY started_at DESC, id DESC LIMIT 1", (task_id, self.now))
         return rows[0] if rows else None
-
-    def failure_problems(self) -> list[Problem]:
-        marks = ",".join("?" * len(FAILURE_STATUSES))
-        groups = self._rows(
-            "SELECT task_id, status, count(*) AS n, max(id) AS last_id FROM runs "
-            f"WHERE started_at >= ? AND started_at <= ? AND status IN ({marks}) "
-            "GROUP BY task_id, status", (self.since, self.now, *FAILURE_STATUSES))
-        out = []
-        for g in groups:
-            run = self._rows("SELECT * FROM runs WHERE id = ?", (g["last_id"],))[0]
-            out.append(Problem(g["task_id"], Kind(g["status"]),
-                               _run_detail(g["n"], run, self.label), g["last_id"]))
-        return out
-
-    def over_budget(self, task) -> list[Problem]:
-        rows = self._rows(
-            "SELECT count(*) AS n, max(id) AS last_id FROM runs "
-            "WHERE task_id = ? AND started_at >= ? AND started_at <= ? "
-            "AND coalesce(prompt_tokens, 0) + coalesce(completion_tokens, 0) > ?",
-            (task.id, self.since, self.now, task.token_budget))
-        if not rows or not rows[0]["n"]:
-            return []
-        run = self._rows("SELECT * FROM runs WHERE id = ?", (rows[0]["last_id"],))[0]
-        used = (run["prompt_tokens"] or 0) + (run["completion_tokens"] or 0)
-        n = rows[0]["n"]
-        detail = (f"{_times(n)} over the budget of {task.token_budget:,} tokens; "
-                  f"latest: run {run['id']} used {used:,}")
-        return [Problem(task.id, Kind.OVER_BUDGET, detail, run["id"])]
 
     def running_long(self, by_id) -> list[Problem]:
         out = []
