@@ -9,11 +9,12 @@ Problems are grouped: one per task and kind, with how many runs it covers
 and the newest run's id (an every-5-minutes task failing all day is one
 line that says 288, not 288 lines).
 
-Speed (1,000,000 runs, under 300 ms): every query walks an index over the
-window or over one task (see state.py). The window's rows are read once, by
-the (started_at) index, for every per-task figure and every run problem;
-(task_id, started_at) finds a task's newest run; the partial index finds
-`running` rows. Nothing reads the whole table.
+Speed: every query walks an index over the window or over one task (see
+state.py), so the cost follows the rows IN THE WINDOW, not the table. The
+window's rows are read once, by the (started_at) index, for every per-task
+figure and every run problem; (task_id, started_at) finds a task's newest
+run; the partial index finds `running` rows. bench/health_bench.py: 1M runs
+over ~69 days answer in ~0.12 s; a window holding 500k rows takes ~0.6 s.
 """
 
 import os
@@ -319,6 +320,8 @@ def _run_detail(n, run, label) -> str:
     if run["signal"]:
         what += f" (signal {run['signal']})"
     error = (run["error"] or "").splitlines()[0][:300] if run["error"] else ""
+    if run["status"] == "abandoned" and error:
+        what = "the runner vanished" if "vanished" not in error else "abandoned"
     head = f"{_times(n)} in the last {label}; latest: run {run['id']} at {_short(run['started_at'])}"
     return f"{head}, {what}" + (f": {error}" if error else "")
 
