@@ -423,8 +423,10 @@ def cmd_health(args) -> int:
     elif args.format == "discord":
         import json
         from .discord import render
-        print(json.dumps(render(report, os.environ.get("REPORT_USERNAME")), indent=2,
-                         ensure_ascii=False))
+        from .environment import Masker, secret_values
+        body = render(report, os.environ.get("REPORT_USERNAME"),
+                      Masker(secret_values(os.environ)))
+        print(json.dumps(body, indent=2, ensure_ascii=False))
     else:
         print(render_text(report), end="")
     return EXIT_OK if report.ok else EXIT_PROBLEMS
