@@ -227,6 +227,7 @@ def test_missing_tasks_dir_keeps_running(stash, running):
     time.sleep(1)
     assert r.proc.poll() is None
     (stash / "tasks").mkdir()
+    r.wait_for("no valid, enabled task files", 10)   # an empty tasks/ is said too
     write_task(stash, "late", """
         schedule: "* * * * * * *"
         command: echo late

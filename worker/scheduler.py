@@ -192,6 +192,7 @@ class Scheduler:
         self.started_at = time.time()
         self.loaded_at: float | None = None
         self.reloads = 0
+        self._said_empty = False        # said "nothing is scheduled" for the current state
         self.stop_requested = 0         # count of SIGTERM/SIGINT seen
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
@@ -238,6 +239,11 @@ class Scheduler:
             return False
         for problem in problems:
             _log(f"invalid: {problem}")
+        empty = self.stash.tasks_dir.is_dir() and self._count() == 0
+        if empty and not self._said_empty:
+            _log(f"no valid, enabled task files in {self.stash.tasks_dir}: nothing is scheduled "
+                 f"(new files are picked up within {self.poll:g} s)")
+        self._said_empty = empty
         return changed
 
     def _write_empty_crontab(self) -> None:
