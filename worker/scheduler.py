@@ -347,6 +347,9 @@ class Scheduler:
 
     def record_start(self) -> None:
         # health's `late` counts a never-run task from when the worker started.
+        # Nice to have, never fatal: a read-only or damaged state.db must not
+        # turn PID 1 into a crash loop (the runs report that problem themselves).
+        import sqlite3
         try:
             from . import clock, state
             conn = state.connect(self.stash)
@@ -354,7 +357,7 @@ class Scheduler:
                 state.set_meta(conn, "scheduler_started_at", clock.iso(self.started_at))
             finally:
                 conn.close()
-        except (AkmError, ImportError, AttributeError, OSError) as e:
+        except (AkmError, ImportError, AttributeError, OSError, sqlite3.Error) as e:
             _log(f"could not record the start in state.db: {e}")
 
     # the loop
