@@ -249,9 +249,12 @@ def bench_output(e: Env, res: Results, tmp: Path, sizes: list[tuple[int, int]]):
         fmbps = size / median(floor) / 1e6
         raw[size] = {"runner_s": runner, "floor_s": floor, "peak_rss_kb": rss}
         label = f"{size / MiB:,.0f} MiB" if size < 1 << 30 else f"{size / (1 << 30):g} GiB"
+        # The target is about streaming: judged at the largest size, where
+        # the runner's ~40 ms start-up no longer dominates.
+        judged = size == big
         res.add("output", f"{label} through the runner (n={repeat})", f"{mbps:,.0f} MB/s",
                 f"`head > file` {fmbps:,.0f} MB/s ({mbps / fmbps:.2f}x)",
-                ">= 200 MB/s", mbps >= 200)
+                ">= 200 MB/s" if judged else "", (mbps >= 200) if judged else None)
         res.add("output", f"peak RSS at {label}", f"{max(rss) / 1024:.1f} MB")
     peaks = [max(v["peak_rss_kb"]) for v in raw.values()]
     flat = max(peaks) - min(peaks) < 2048
@@ -481,18 +484,20 @@ def bench_image(res: Results, tmp: Path, seconds: int):
         return
     figures = REPO / "bench" / "image_figures.py"
     if figures.exists():
-        r = subprocess.run([sys.executable, str(figures)], capture_output=True, text=True,
-                           timeout=900)
-        res.raw["image_figures"] = {"exit": r.returncode, "stdout": r.stdout[-4000:],
-                                    "stderr": r.stderr[-2000:]}
-        res.note(f"bench/image_figures.py (the image engineer's) exited {r.returncode}; "
-                 "its output is in latest.json under image_figures")
-        for line in r.stdout.splitlines():
-            if line.startswith("|") and "---" not in line:
-                res.note("image_figures: " + line.strip())
+        # The image engineer's script: size over base, `docker run` to first run.
+        sys.path.insert(0, str(figures.parent))
+        import image_figures
+        f = image_figures.figures(repeats=3 if seconds < 60 else 5, delay_seconds=0)
+        res.raw["image_figures"] = f
+        res.add("image", "size added over its base (debian:trixie-slim)", f"{f['added_mb']:.0f} MB",
+                f"image {f['image_mb']:.0f} MB, local base {f['base_mb']:.0f} MB")
+        res.add("image", f"`docker run` to the first run of an every-second task "
+                f"(median of {f['repeats']})", f"{f['start_to_first_run_s']:.2f} s",
+                f"scheduler ready after {f['start_to_scheduler_ready_s']} s; includes up to "
+                "1 s waiting for the next whole second")
     else:
-        res.note("bench/image_figures.py is not in the tree yet: image size over base "
-                 "measured here from `docker image inspect`")
+        res.note("bench/image_figures.py is not in the tree: image size over base measured "
+                 "here from `docker image inspect`")
         _image_size(res)
     _every_second(res, tmp, seconds)
 
@@ -543,8 +548,6 @@ def _every_second(res, tmp, seconds):
     delays = [t - int(t) for t in ts]
     span = int(ts[-1]) - int(ts[0]) + 1
     seconds_hit = len({int(t) for t in ts})
-    c0 = datetime.fromisoformat(started[:26].rstrip("Z") + "+00:00").timestamp() \
-        if started else None
     res.raw["image_every_second"] = {"runs": len(rows), "span_s": span, "delays_s": delays,
                                      "statuses": sorted({r[1] for r in rows}),
                                      "container_started": started}
@@ -553,10 +556,7 @@ def _every_second(res, tmp, seconds):
     res.add("image", "every-second task: start delay p99", ms(pct(delays, 99)),
             f"max {ms(max(delays))}")
     res.add("image", "every-second task: seconds that got a run", f"{seconds_hit} of {span}",
-            "", "all", seconds_hit >= span - 1)
-    if c0:
-        res.add("image", "container start to first run (every-second task)",
-                f"{ts[0] - c0:.2f} s", "`docker run` StartedAt -> first started_at")
+            "", "all", seconds_hit == span)
 
 
 # -- main ----------------------------------------------------------------------------
