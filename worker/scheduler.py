@@ -127,7 +127,11 @@ def others(me: int | None = None) -> list[int]:
     me = me or os.getpid()
     table = _proc_table()
     if me == 1:
-        return sorted(p for p, (_, st) in table.items() if p != 1 and st != "Z")
+        # Only what kill(-1) can reach: a root `docker exec` shell would
+        # otherwise hold up every stop until the timeout.
+        uid = os.getuid()
+        return sorted(p for p, (_, st) in table.items()
+                      if p != 1 and st != "Z" and (uid == 0 or _owner(p) == uid))
     children: dict[int, list[int]] = {}
     for pid, (ppid, _) in table.items():
         children.setdefault(ppid, []).append(pid)
@@ -138,6 +142,13 @@ def others(me: int | None = None) -> list[int]:
             if table[child][1] != "Z":
                 found.append(child)
     return sorted(found)
+
+
+def _owner(pid: int) -> int | None:
+    try:
+        return os.stat(f"/proc/{pid}").st_uid
+    except OSError:
+        return None
 
 
 def signal_all(sig: int) -> None:

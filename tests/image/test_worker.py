@@ -168,12 +168,14 @@ def test_secret_appears_nowhere(worker):
 def test_docker_stop_interrupts_running_tasks(worker):
     stash = worker.stash
     assert [r for r in runs(stash, "long") if r["status"] == "running"]
+    # a root `docker exec` session the worker cannot signal must not hold up the stop
+    worker.exec_run(["sleep", "300"], user="root", detach=True)
     t0 = time.monotonic()
     worker.stop(timeout=30)
     took = time.monotonic() - t0
     worker.reload()
     assert worker.attrs["State"]["ExitCode"] == 0, logs(worker)[-2000:]
-    assert took < 25, f"docker stop took {took:.1f} s"
+    assert took < 10, f"docker stop took {took:.1f} s"
     assert not [r for r in runs(stash) if r["status"] == "running"]
     statuses = {r["status"] for r in runs(stash, "long")}
     assert "interrupted" in statuses, statuses
