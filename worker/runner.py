@@ -309,6 +309,7 @@ class Supervisor:
         self.deadline = time.monotonic() + timeout
         self.timeout = timeout
         self.reason = None          # "timeout" | "interrupted" once we stop it
+        self.why = None             # ...and the one line the record gives for it
         self.kill_at = None         # monotonic time for SIGKILL of the group
         self.status = None          # raw wait status once reaped
         self.exited_at = None
@@ -408,7 +409,7 @@ class Supervisor:
                 self.kill_at = float("inf")
 
     def _stop(self, reason, now, why):
-        self.reason = reason
+        self.reason, self.why = reason, why
         self.warn(f"{why}: stopping the task's process group (SIGTERM, "
                   f"SIGKILL after {KILL_GRACE:g}s)")
         _kill_group(self.pid, signal.SIGTERM)
@@ -427,8 +428,7 @@ class Supervisor:
         sig = -code if code < 0 else None
         exit_code = 128 + sig if sig else code
         if self.reason:
-            return Outcome(self.reason, exit_code, sig,
-                           "timed out" if self.reason == "timeout" else "interrupted")
+            return Outcome(self.reason, exit_code, sig, self.why)
         return Outcome("success" if exit_code == 0 else "failed", exit_code, sig)
 
 
@@ -542,11 +542,13 @@ def cmd_run(args) -> int:
     return result.exit_code
 
 
-def _report(result, task_id):
+def _report(result, task_id, prefix=""):
+    """One line on stderr for any run that did not succeed (the container log
+    shows it for scheduled runs)."""
     if result.status == "success":
         return
-    detail = f": {result.error}" if result.error else ""
-    sys.stderr.write(f"akm: {task_id} run {result.run_id}: {result.status} "
+    detail = f": {result.error}" if result.error and result.error != result.status else ""
+    sys.stderr.write(f"{prefix}akm: {task_id} run {result.run_id}: {result.status} "
                      f"(exit {result.exit_code}){detail}\n")
 
 
@@ -571,11 +573,12 @@ def _detach(stash, task_id, trigger) -> int:
     os.dup2(fd, 2)
     code = 70
     try:
-        result = run_task(stash, task_id, trigger, prefix=f"[{task_id}] ".encode())
-        _report(result, task_id)
+        prefix = f"[{task_id}] "
+        result = run_task(stash, task_id, trigger, prefix=prefix.encode())
+        _report(result, task_id, prefix)
         code = result.exit_code
     except AkmError as e:
-        sys.stderr.write(f"akm: [{task_id}] {e}\n")
+        sys.stderr.write(f"[{task_id}] akm: {e}\n")
         code = e.exit_code
     finally:
         sys.stderr.flush()
