@@ -1,10 +1,14 @@
 """The akm-worker benchmark: every figure of issue 5 in one command.
 
-    .venv/bin/python bench/run.py            # everything (about 10-15 minutes)
+    .venv/bin/python bench/run.py            # everything (about 4 minutes on 2 cores)
     .venv/bin/python bench/run.py --quick    # a smaller version for CI (about a minute)
     .venv/bin/python bench/run.py --only overhead,output --no-image
 
-Prints a markdown table and writes bench/results/latest.md and latest.json.
+Prints a markdown table and writes bench/results/latest.md and latest.json
+(--quick: quick.md and quick.json, not committed). Needs about 1.5 GB free
+in $AKM_BENCH_CACHE and the temp dir for the 1 GiB output case; the image
+figures need an engine and the akm-worker:latest image (else a note says
+they were skipped).
 
 Every time is a median over repeated runs; where a floor or a peer exists it
 is measured in the same run, interleaved, and the table gives the difference
