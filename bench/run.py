@@ -503,7 +503,55 @@ def bench_image(res: Results, tmp: Path, seconds: int):
         res.note("bench/image_figures.py is not in the tree: image size over base measured "
                  "here from `docker image inspect`")
         _image_size(res)
+    _image_overhead(res, 30 if seconds < 60 else 100)
     _every_second(res, tmp, seconds)
+
+
+# Runs inside the image, with its own Python: the per-run overhead there.
+IMAGE_OVERHEAD = r"""
+import json, os, resource, statistics, subprocess, sys, time
+n = int(sys.argv[1])
+os.makedirs("/tmp/s/tasks", exist_ok=True)
+open("/tmp/s/tasks/noop.yml", "w").write('schedule: "@hourly"\ncommand: "true"\n')
+env = dict(os.environ, AKM_STASH="/tmp/s")
+cases = {"akm": ["/opt/akm/venv/bin/akm", "tasks", "run", "noop"],
+         "sh": ["/bin/sh", "-c", "true"], "python": ["/opt/akm/venv/bin/python", "-c", "pass"]}
+t = {k: [] for k in cases}
+for i in range(n + 1):
+    for k, argv in cases.items():
+        t0 = time.perf_counter()
+        subprocess.run(argv, env=env, stdout=subprocess.DEVNULL, check=True)
+        if i:
+            t[k].append(time.perf_counter() - t0)
+print(json.dumps({k: statistics.median(v) for k, v in t.items()}))
+"""
+
+
+def _image_overhead(res, n):
+    argv = ["docker", "run", "--rm", "--entrypoint", "/opt/akm/venv/bin/python", IMAGE,
+            "-c", IMAGE_OVERHEAD, str(n)]
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+    if r.returncode:
+        res.note(f"in-image per-run overhead skipped: {r.stderr.strip()[-300:]}")
+        return
+    m = json.loads(r.stdout.strip().splitlines()[-1])
+    rss = subprocess.run(["docker", "run", "--rm", "-e", "AKM_STASH=/tmp/s", "--entrypoint",
+                          "/bin/sh", IMAGE, "-c",
+                          "mkdir -p /tmp/s/tasks && printf 'schedule: \"@hourly\"\\ncommand: "
+                          "\"true\"\\n' > /tmp/s/tasks/noop.yml && /opt/akm/venv/bin/akm tasks "
+                          "run noop && exec /opt/akm/venv/bin/python -c \"$0\" /opt/akm/venv/bin/akm "
+                          "tasks run noop", RSS_WRAPPER],
+                         capture_output=True, text=True, timeout=120)
+    res.raw["image_overhead"] = {**m, "n": n, "rss": rss.stdout.strip()}
+    over = m["akm"] - m["sh"]
+    res.add("image", f"`akm tasks run` of `true` inside the image (n={n})", ms(m["akm"]),
+            f"`sh -c true` {ms(m['sh'])}; python -c pass {ms(m['python'])}")
+    res.add("image", "per-run overhead over the floor, inside the image", f"+{ms(over)}",
+            f"{m['akm'] / m['sh']:.1f}x the floor", "<= 40 ms", over <= 0.040)
+    if rss.returncode == 0 and rss.stdout.strip():
+        kb = int(rss.stdout.strip().splitlines()[-1])
+        res.add("image", "peak RSS of `akm tasks run`, inside the image", f"{kb / 1024:.1f} MB",
+                "", "< 30 MB", kb < 30 * 1024)
 
 
 def _image_size(res):
