@@ -107,12 +107,15 @@ RUN ln -s akm-entrypoint /usr/local/bin/akm && mkdir -p /stash && chown 1000:100
 # PUID/PGID: the uid/gid the worker runs as (the owner of the stash on the host).
 # TZ: the time zone the schedules follow. AKM_STOP_TIMEOUT: how long `docker stop`
 # lets tasks finish after SIGTERM (keep stop_grace_period above it).
+# AKM_KILL_GRACE: SIGTERM -> SIGKILL for a task's group; 5 s so that even a
+# plain `docker stop` (10 s) records a stubborn task as `interrupted`.
 ENV PATH=/usr/local/bin:/opt/akm/venv/bin:/usr/sbin:/usr/bin:/sbin:/bin \
     AKM_STASH=/stash \
     AKM_RUN_DIR=/tmp/akm \
     AKM_CRONTAB=/tmp/akm/crontab \
     PUID=1000 PGID=1000 TZ=UTC \
     AKM_STOP_TIMEOUT=20 \
+    AKM_KILL_GRACE=5 \
     PYTHONDONTWRITEBYTECODE=1
 WORKDIR /stash
 HEALTHCHECK --interval=30s --timeout=10s --start-period=20s --retries=3 CMD ["akm", "healthcheck"]

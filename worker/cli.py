@@ -10,7 +10,7 @@ import argparse
 import os
 import sys
 
-from .errors import EXIT_INTERNAL, EXIT_USAGE, AkmError
+from .errors import EXIT_INTERNAL, EXIT_STATE, EXIT_USAGE, AkmError, StateError
 
 FORMATS = ("text", "json")
 
@@ -177,6 +177,10 @@ def main(argv=None) -> int:
     except Exception as e:  # noqa: BLE001 - the last line of defence
         if os.environ.get("AKM_DEBUG") == "1":
             raise
+        sqlite3 = sys.modules.get("sqlite3")  # loaded by whoever touched state.db
+        if sqlite3 and isinstance(e, sqlite3.DatabaseError):
+            sys.stderr.write(f"akm: {StateError.from_sqlite('state.db', e)}\n")
+            return EXIT_STATE
         sys.stderr.write(f"akm: internal error: {type(e).__name__}: {e} "
                          f"(run with AKM_DEBUG=1 for details, and please report it)\n")
         code = EXIT_INTERNAL

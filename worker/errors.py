@@ -71,3 +71,18 @@ class NoStash(AkmError):
 
 class StateError(AkmError):
     exit_code = EXIT_STATE
+
+    @classmethod
+    def from_sqlite(cls, path, e) -> "StateError":
+        """One line with the fix for an SQLite error on PATH (state.db)."""
+        text = str(e)
+        if "not a database" in text or "malformed" in text:
+            fix = "move state.db, state.db-wal and state.db-shm aside; akm starts a new one"
+            return cls(f"{path} is corrupted ({text}): {fix} (README: Troubleshooting)")
+        if "full" in text:
+            return cls(f"cannot write {path}: the stash volume is full ({text}); free space "
+                       f"there, or delete old runs: akm prune --older-than 30d")
+        if "readonly" in text or "unable to open" in text or "permission" in text.lower():
+            return cls(f"cannot write {path} ({text}): make the stash and state.db writable "
+                       f"by the worker's user (PUID/PGID)")
+        return cls(f"{path}: {text}")

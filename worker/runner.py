@@ -21,7 +21,7 @@ import time
 from . import clock, state
 from .environment import LineSplitter, Masker, interpolate, secret_values
 from .errors import (EXIT_INTERRUPTED, EXIT_INVALID, EXIT_SKIPPED, EXIT_TIMEOUT,
-                     AkmError, InvalidTask, MissingVariable)
+                     AkmError, InvalidTask, MissingVariable, StateError)
 from .runlog import RunLogWriter, log_name
 from .stash import Stash
 from .taskfile import load_task
@@ -49,6 +49,14 @@ def run_task(stash: Stash, task_id: str, trigger: str = "manual", environ=None,
     CLI uses is `result.exit_code`. Raises UnknownTask / StateError when there
     is nothing, or nowhere, to record."""
     environ = os.environ if environ is None else environ
+    try:
+        return _run(stash, task_id, trigger, environ, out_fd, err_fd, prefix)
+    except state.sqlite3.DatabaseError as e:
+        # A full volume, a read-only or corrupted state.db after connecting.
+        raise StateError.from_sqlite(stash.state_db, e) from None
+
+
+def _run(stash, task_id, trigger, environ, out_fd, err_fd, prefix) -> RunResult:
     conn = state.connect(stash)
     try:
         task = load_task(stash, task_id)
@@ -205,13 +213,16 @@ class Execution:
                       cost_usd=usage.get("cost_usd"), model=usage.get("model"),
                       tools=json.dumps(tools) if tools else None,
                       error=self.masker.mask_text(error) if error else None)
-        state.finish_run(self.conn, self.run_id, **fields)
-        self.log.record({"type": "end", "ended_at": fields["ended_at"], "status": outcome.status,
-                         "exit_code": outcome.exit_code, "signal": outcome.signal,
-                         "duration_s": round(ended - self.started, 3),
-                         "usage": _usage_summary(usage), "tools": tools,
-                         "error": fields["error"]})
-        self.log.close()
+        try:
+            state.finish_run(self.conn, self.run_id, **fields)
+        finally:
+            # The log is not in state.db: it gets its end even when state.db fails.
+            self.log.record({"type": "end", "ended_at": fields["ended_at"],
+                             "status": outcome.status, "exit_code": outcome.exit_code,
+                             "signal": outcome.signal, "duration_s": round(ended - self.started, 3),
+                             "usage": _usage_summary(usage), "tools": tools,
+                             "error": fields["error"]})
+            self.log.close()
         return RunResult(self.run_id, outcome.status, outcome.cli_code(), fields["error"])
 
 

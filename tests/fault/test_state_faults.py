@@ -31,12 +31,6 @@ from .conftest import (assert_sound, env, integrity, rows, run_akm, spawn_akm, w
 
 pytestmark = pytest.mark.fault
 
-STATE_BUG = ("state.py maps sqlite errors to StateError (exit 74) only inside connect(); "
-             "a write that fails later (start_run, finish_run, mark_abandoned, set_meta) "
-             "escapes as sqlite3.OperationalError/DatabaseError and the CLI prints "
-             "'internal error' (exit 70). Fix: catch sqlite3.DatabaseError around those "
-             "writes and raise StateError(_explain(path, e)); teach _explain 'disk is full'")
-
 
 def _clean_line(text):
     """Every line akm printed is one of its own, with no traceback."""
@@ -102,7 +96,6 @@ def test_volume_full_while_a_task_prints_recovers(tmpfs):
     assert_sound(stash, r.stdout, r.stderr, other.stdout, other.stderr)
 
 
-@pytest.mark.xfail(strict=True, reason=STATE_BUG)
 def test_volume_full_gives_a_clear_error(tmpfs):
     stash = tmpfs
     _fill_task(stash)
@@ -137,7 +130,6 @@ def test_state_db_read_only_never_starts_the_command(stash, immutable):
     assert run_akm(stash, "runs", env=env()).returncode == 0   # readers still read
 
 
-@pytest.mark.xfail(strict=True, reason=STATE_BUG)
 def test_state_db_read_only_is_a_clear_error(stash, immutable):
     write_task(stash, "t", 'schedule: "@hourly"\ncommand: "echo ran"\n')
     assert run_akm(stash, "tasks", "run", "t", env=env()).returncode == 0
@@ -227,7 +219,6 @@ def _slow(stash):
     return p
 
 
-@pytest.mark.xfail(strict=True, reason=STATE_BUG)
 def test_state_db_corrupted_mid_run_is_a_clear_error(stash):
     p = _slow(stash)
     _checkpoint(stash)
