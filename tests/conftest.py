@@ -1,6 +1,7 @@
 """Shared fixtures: a real stash on disk and the real `akm` command."""
 
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -43,3 +44,13 @@ def akm(stash):
     def call(*args, **kw):
         return run_akm(stash, *args, **kw)
     return call
+
+
+def supercronic_exe() -> str:
+    """The real supercronic, or skip (fail where AKM_REQUIRE_SUPERCRONIC is set, as in CI)."""
+    exe = shutil.which("supercronic")
+    if exe is None:
+        if os.environ.get("AKM_REQUIRE_SUPERCRONIC"):
+            pytest.fail("supercronic is not on PATH and AKM_REQUIRE_SUPERCRONIC is set")
+        pytest.skip("supercronic is not on PATH")
+    return exe

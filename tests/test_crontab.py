@@ -2,13 +2,11 @@
 the atomic install, through the core and the real `akm tasks install`."""
 
 import os
-import shutil
 import stat
 from pathlib import Path
 
-import pytest
 
-from conftest import write_task
+from conftest import supercronic_exe, write_task
 from worker.crontab import HEADER, check_lines, install, render
 from worker.stash import Stash
 from worker.taskfile import Task
@@ -17,12 +15,7 @@ LINE = "{} akm tasks run {} --trigger schedule --detach"
 
 
 def supercronic():
-    exe = shutil.which("supercronic")
-    if exe is None:
-        if os.environ.get("AKM_REQUIRE_SUPERCRONIC"):
-            pytest.fail("supercronic is not on PATH and AKM_REQUIRE_SUPERCRONIC is set")
-        pytest.skip("supercronic is not on PATH")
-    return exe
+    return supercronic_exe()
 
 
 def counting(tmp_path, exe) -> tuple[str, Path]:

@@ -9,7 +9,6 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-import pytest
 
 from conftest import AKM, run_akm, write_task
 

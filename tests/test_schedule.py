@@ -1,15 +1,15 @@
 """schedule.py: supercronic's syntax rules, checked against the real supercronic,
 and fire times in the schedule's zone."""
 
-import os
 import re
-import shutil
 import subprocess
 import sys
 from datetime import datetime, timezone
 from zoneinfo import ZoneInfo
 
 import pytest
+
+from conftest import supercronic_exe
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from worker.schedule import check, next_fire, normalise, prev_fire, to_croniter
@@ -69,12 +69,7 @@ def test_normalise_strips_and_single_spaces():
 # --- against the real supercronic -------------------------------------------
 
 def _supercronic():
-    exe = shutil.which("supercronic")
-    if exe is None:
-        if os.environ.get("AKM_REQUIRE_SUPERCRONIC"):
-            pytest.fail("supercronic is not on PATH and AKM_REQUIRE_SUPERCRONIC is set")
-        pytest.skip("supercronic is not on PATH")
-    return exe
+    return supercronic_exe()
 
 
 def supercronic_reads(exe, expr, tmp_path) -> bool:

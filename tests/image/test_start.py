@@ -1,7 +1,6 @@
 """Starting the image: an empty stash, a stash it cannot write, the version."""
 
 import os
-import time
 
 import pytest
 

@@ -7,11 +7,9 @@ hand) and `bad` (invalid). Cases add, change and remove files while `long`
 runs, which is the "a long task never holds up the others" case.
 """
 
-import os
 import sqlite3
 import time
 from datetime import datetime
-from pathlib import Path
 
 import pytest
 
