@@ -57,6 +57,73 @@ MIGRATIONS = [
     CREATE INDEX reports_attempted ON reports (attempted_at);
     """,
 ]
+
+# 2: run_hours, an hourly per-task rollup of finished runs, so `akm health`
+# reads one row per task and hour instead of every run of its window. Kept by
+# triggers, so every writer (the runner, mark_abandoned, a person with
+# `sqlite3`) keeps it exact in its own transaction; prune recomputes it.
+# hour = substr(started_at, 1, 13), 'YYYY-MM-DDTHH'; an id_* is the newest
+# run of that status in the hour, 0 for none; tokens are prompt + completion.
+# runs_task_started_tokens lets health count the runs over a budget in an
+# hour from the index alone (budgets change, so that is not rolled up).
+HOUR_KINDS = ("success", "failed", "timeout", "error", "abandoned")  # with a newest id
+_TOKENS = "coalesce({0}prompt_tokens, 0) + coalesce({0}completion_tokens, 0)"
+_HOUR_COLUMNS = ("task_id, hour, " + "".join(f"n_{k}, id_{k}, " for k in HOUR_KINDS)
+                 + "n_skipped, n_interrupted, tokens, cost, max_tokens")
+
+
+def _hour_values(new):
+    """The rollup of one run (NEW. in a trigger) or of a GROUP BY (new='')."""
+    if new:
+        one = [f"NEW.status = '{k}', CASE WHEN NEW.status = '{k}' THEN NEW.id ELSE 0 END"
+               for k in HOUR_KINDS]
+        return (f"NEW.task_id, substr(NEW.started_at, 1, 13), {', '.join(one)}, "
+                "NEW.status = 'skipped', NEW.status = 'interrupted', "
+                f"{_TOKENS.format('NEW.')}, coalesce(NEW.cost_usd, 0.0), {_TOKENS.format('NEW.')}")
+    many = [f"sum(status = '{k}'), coalesce(max(CASE WHEN status = '{k}' THEN id END), 0)"
+            for k in HOUR_KINDS]
+    return (f"task_id, substr(started_at, 1, 13), {', '.join(many)}, sum(status = 'skipped'), "
+            f"sum(status = 'interrupted'), sum({_TOKENS.format('')}), total(cost_usd), "
+            f"max({_TOKENS.format('')})")
+
+
+def rollup_select(where: str) -> str:
+    """SELECT the run_hours rows of the finished runs matching WHERE."""
+    return (f"SELECT {_hour_values('')} FROM runs WHERE status != 'running' AND ({where}) "
+            "GROUP BY task_id, substr(started_at, 1, 13)")
+
+
+_BUMP = (f"INSERT INTO run_hours ({_HOUR_COLUMNS}) VALUES ({_hour_values('NEW.')}) "
+         "ON CONFLICT (task_id, hour) DO UPDATE SET "
+         + "".join(f"n_{k} = n_{k} + excluded.n_{k}, id_{k} = max(id_{k}, excluded.id_{k}), "
+                   for k in HOUR_KINDS)
+         + "n_skipped = n_skipped + excluded.n_skipped, "
+         "n_interrupted = n_interrupted + excluded.n_interrupted, "
+         "tokens = tokens + excluded.tokens, cost = cost + excluded.cost, "
+         "max_tokens = max(max_tokens, excluded.max_tokens)")
+
+MIGRATIONS.append(f"""
+    CREATE TABLE run_hours (
+        task_id TEXT NOT NULL,
+        hour TEXT NOT NULL,
+        {''.join(f"n_{k} INTEGER NOT NULL, id_{k} INTEGER NOT NULL, " for k in HOUR_KINDS)}
+        n_skipped INTEGER NOT NULL,
+        n_interrupted INTEGER NOT NULL,
+        tokens INTEGER NOT NULL,
+        cost REAL NOT NULL,
+        max_tokens INTEGER NOT NULL,
+        PRIMARY KEY (task_id, hour)
+    ) WITHOUT ROWID;
+    CREATE INDEX run_hours_hour ON run_hours (hour);
+    CREATE INDEX runs_task_started_tokens
+        ON runs (task_id, started_at, ({_TOKENS.format('')})) WHERE status != 'running';
+    INSERT INTO run_hours ({_HOUR_COLUMNS}) {rollup_select('1')};
+    CREATE TRIGGER run_hours_insert AFTER INSERT ON runs WHEN NEW.status != 'running'
+    BEGIN {_BUMP}; END;
+    CREATE TRIGGER run_hours_finish AFTER UPDATE OF status ON runs
+    WHEN OLD.status = 'running' AND NEW.status != 'running'
+    BEGIN {_BUMP}; END;
+    """)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -133,9 +200,13 @@ def _migrate(conn):
             raise StateError(f"state.db has schema version {version}, newer than this "
                              f"akm-worker ({SCHEMA_VERSION}): upgrade the image")
         for step in MIGRATIONS[version:]:
-            for statement in step.split(";"):
-                if statement.strip():
-                    conn.execute(statement)
+            statement = ""
+            for piece in step.split(";"):  # a trigger's body holds ";" too
+                statement += piece + ";"
+                if sqlite3.complete_statement(statement):
+                    if statement.strip(" \n;"):
+                        conn.execute(statement)
+                    statement = ""
         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         conn.execute("COMMIT")
     except BaseException:
@@ -274,6 +345,7 @@ def prune(conn, stash, cutoff_iso: str, dry_run: bool = False) -> tuple[int, int
     with conn:
         conn.executemany("DELETE FROM runs WHERE id = ?", [(r["id"],) for r in rows])
         conn.execute("DELETE FROM reports WHERE attempted_at < ?", (cutoff_iso,))
+        _prune_hours(conn, cutoff_iso)
     files = 0
     for p in paths:
         try:
@@ -282,6 +354,16 @@ def prune(conn, stash, cutoff_iso: str, dry_run: bool = False) -> tuple[int, int
         except FileNotFoundError:
             pass
     return len(rows), files
+
+
+def _prune_hours(conn, cutoff_iso):
+    # Hours before the cutoff's lost all their finished runs; the cutoff's own
+    # hour lost some of them: recompute it from the rows left.
+    hour = cutoff_iso[:13]
+    conn.execute("DELETE FROM run_hours WHERE hour <= ?", (hour,))
+    # Every started_at of that hour starts with it, and sorts before hour + '~'.
+    conn.execute(f"INSERT INTO run_hours ({_HOUR_COLUMNS}) "
+                 + rollup_select("started_at >= ? AND started_at < ?"), (hour, hour + "~"))
 
 
 def _stray_logs(conn, stash, cutoff_iso):
