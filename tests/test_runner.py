@@ -365,3 +365,23 @@ def test_core_is_callable_without_the_cli(stash):
     finally:
         os.close(null)
     assert (result.status, result.exit_code) == ("failed", 4)
+
+
+def test_error_and_skipped_runs_have_a_log_too(stash, akm):
+    write_task(stash, "needy", 'schedule: "@daily"\ncommand: "true"\nenv:\n  X: "${NOPE_NOT_SET}"\n')
+    assert akm("tasks", "run", "needy").returncode == 65
+    r = akm("logs", "needy", "--run", "1")
+    assert r.returncode == 0 and "=== error" in r.stdout and "NOPE_NOT_SET" in r.stdout
+
+
+def test_description_is_masked_in_the_log(stash, akm):
+    write_task(stash, "desc", 'schedule: "@daily"\ncommand: "true"\ndescription: "uses hunter2hunter2"\n')
+    akm("tasks", "run", "desc", env={"DB_PASSWORD": "hunter2hunter2"})
+    assert "hunter2hunter2" not in (stash / rows(stash)[0]["log_path"]).read_text()
+
+
+def test_truncated_tail_starts_at_a_line(stash, akm):
+    write_task(stash, "lines", 'schedule: "@daily"\ncommand: "seq 1 200000"\n')
+    akm("tasks", "run", "lines")
+    first, second = rows(stash)[0]["stdout"].split("\n")[:2]
+    assert first.startswith("[... ") and int(second) == int(rows(stash)[0]["stdout"].split("\n")[2]) - 1

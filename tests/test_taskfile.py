@@ -415,3 +415,21 @@ def test_cached_task_follows_every_edit(stash, akm):
     assert akm("tasks", "run", "edit").returncode == 65
     path.unlink()
     assert akm("tasks", "run", "edit").returncode == 64
+
+
+def test_malformed_reference_and_unquoted_command_are_invalid_with_the_fix(stash, akm):
+    write_task(stash, "ref", 'schedule: "@daily"\ncommand: "true"\nenv:\n  A: "${B"\n')
+    write_task(stash, "boolcmd", 'schedule: "@daily"\ncommand: true\n')
+    write_task(stash, "ok", 'schedule: "@daily"\ncommand: "true"\nenv:\n  A: "$${B} ${C:-d} $HOME"\n')
+    r = akm("tasks", "validate")
+    assert r.returncode == 1
+    assert "ref.yml: field `env`: `A` has a malformed `${...}`" in r.stderr
+    assert 'boolcmd.yml: field `command`' in r.stderr and 'quote it: `command: "true"`' in r.stderr
+    assert "ok.yml" not in r.stderr
+
+
+def test_a_stash_that_is_a_file_says_so(tmp_path, akm):
+    f = tmp_path / "afile"
+    f.write_text("")
+    r = akm("tasks", "list", "--stash", str(f))
+    assert r.returncode == 66 and "is not a directory" in r.stderr

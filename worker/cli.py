@@ -156,7 +156,15 @@ def _call(target: str, args) -> int:
 
 
 def _is_run(argv) -> bool:
-    return [a for a in argv if not a.startswith("-")][:2] == ["tasks", "run"]
+    words, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--stash":
+            skip = True  # its value is not a command word
+        elif not a.startswith("-"):
+            words.append(a)
+    return words[:2] == ["tasks", "run"]
 
 
 def main(argv=None) -> int:

@@ -61,37 +61,49 @@ def _run(stash, task_id, trigger, environ, out_fd, err_fd, prefix) -> RunResult:
     try:
         task = load_task(stash, task_id)
     except InvalidTask as e:
-        return _record_error(conn, task_id, trigger, e)
+        return _record_error(stash, conn, task_id, trigger, e)
     state.mark_abandoned(conn, stash)
     lock = TaskLock(stash, task_id)
     if not lock.acquire():
-        return _record_skipped(conn, task_id, trigger)
+        return _record_skipped(stash, conn, task_id, trigger)
     try:
         try:
             env, interpolated = interpolate(task_id, stash.relative(task.path), task.env, environ)
         except MissingVariable as e:
-            return _record_error(conn, task_id, trigger, e)
+            return _record_error(stash, conn, task_id, trigger, e)
         return Execution(stash, task, trigger, conn, lock, environ, env, interpolated,
                          out_fd, err_fd, prefix).run()
     finally:
         lock.release()
 
 
-def _record_error(conn, task_id, trigger, err: AkmError) -> RunResult:
-    now = clock.iso()
-    run_id = state.start_run(conn, task_id, trigger, "error", now, ended_at=now,
-                             error=str(err))
-    return RunResult(run_id, "error", EXIT_INVALID, str(err))
+def _record_error(stash, conn, task_id, trigger, err: AkmError) -> RunResult:
+    return _record_final(stash, conn, task_id, trigger, "error", str(err), EXIT_INVALID)
 
 
-def _record_skipped(conn, task_id, trigger) -> RunResult:
+def _record_skipped(stash, conn, task_id, trigger) -> RunResult:
     row = conn.execute("SELECT id, started_at FROM runs WHERE task_id = ? AND status = 'running' "
                        "ORDER BY id DESC LIMIT 1", (task_id,)).fetchone()
     other = f"run {row['id']}, started {row['started_at']}" if row else "another runner"
     msg = f"task {task_id!r} is already running ({other}); this run was skipped"
-    now = clock.iso()
-    run_id = state.start_run(conn, task_id, trigger, "skipped", now, ended_at=now, error=msg)
-    return RunResult(run_id, "skipped", EXIT_SKIPPED, msg)
+    return _record_final(stash, conn, task_id, trigger, "skipped", msg, EXIT_SKIPPED)
+
+
+def _record_final(stash, conn, task_id, trigger, status, error, code) -> RunResult:
+    """A run that never started its command: its row, and a two-record log so
+    that `akm logs <task> --run N` works for every run."""
+    started = time.time()
+    now = clock.iso(started)
+    path = lambda rid: stash.task_log_dir(task_id) / log_name(started, rid)  # noqa: E731
+    run_id = state.start_run(conn, task_id, trigger, status, now, ended_at=now, error=error,
+                             log_path_for=lambda rid: stash.relative(path(rid)))
+    log = _open_log(path(run_id))
+    log.record({"type": "start", "task": task_id, "run_id": run_id, "trigger": trigger,
+                "started_at": now, "env": []})
+    log.record({"type": "end", "ended_at": now, "status": status, "exit_code": None,
+                "signal": None, "duration_s": 0.0, "error": error})
+    log.close()
+    return RunResult(run_id, status, code, error)
 
 
 class TaskLock:
@@ -173,7 +185,8 @@ class Execution:
 
     def _start_record(self):
         return {"type": "start", "task": self.task.id, "run_id": self.run_id,
-                "description": self.task.description, "trigger": self.trigger,
+                "description": self.masker.mask_text(self.task.description),
+                "trigger": self.trigger,
                 "started_at": clock.iso(self.started),
                 "command": self.masker.mask_text(_command_text(self.task.command)),
                 "timeout": self.task.timeout, "env": self.env_names, "pid": os.getpid()}
@@ -253,6 +266,10 @@ class Tail:
 
     def text(self) -> str:
         data = bytes(self.buf[-TAIL_BYTES:])
+        if self.total > len(data):
+            # Start at a line, not in the middle of one, when there is one near.
+            nl = data.find(b"\n", 0, 4096)
+            data = data[nl + 1:] if nl != -1 else data
         dropped = self.total - len(data)
         text = data.decode("utf-8", "replace")
         return f"[... {dropped} bytes truncated ...]\n{text}" if dropped else text

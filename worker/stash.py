@@ -30,9 +30,8 @@ class Stash:
         root = arg or os.environ.get("AKM_STASH") or DEFAULT_STASH
         stash = cls(root)
         if must_exist and not stash.root.is_dir():
-            raise NoStash(
-                f"stash directory {root} does not exist "
-                f"(set AKM_STASH or pass --stash DIR)")
+            what = "is not a directory" if stash.root.exists() else "does not exist"
+            raise NoStash(f"stash directory {root} {what} (set AKM_STASH or pass --stash DIR)")
         return stash
 
     def task_log_dir(self, task_id: str) -> Path:

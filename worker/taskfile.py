@@ -27,6 +27,8 @@ ID_RE = re.compile(r"[a-z0-9_-]+")
 EXTENSIONS = (".yml", ".yaml")
 DEFAULT_TIMEOUT = 300.0
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# A `${` that does not open ${NAME} or ${NAME:-default} (after removing $$).
+_BAD_REF = re.compile(r"\$\{(?![A-Za-z_][A-Za-z0-9_]*(?::-[^}]*)?\})")
 
 # akm's own targets; this worker runs only `command`.
 _AKM_TARGETS = ("prompt", "workflow")
@@ -305,6 +307,9 @@ def _get_command(path, value):
         if not value[0].strip():
             raise InvalidTask(path, "command", "the program (first item) is empty", fix)
         return list(value)
+    if isinstance(value, (bool, int, float)):
+        # YAML reads `command: true` as a boolean, `command: 1` as a number.
+        fix = f'quote it: `command: "{str(value).lower() if isinstance(value, bool) else value}"`'
     raise InvalidTask(path, "command", f"must be a string or a list of strings, not {_kind(value)}",
                       fix)
 
@@ -324,6 +329,9 @@ def _get_env(path, value) -> dict:
             raise InvalidTask(path, "env", f"`{name}` is {_kind(raw)}, not a string",
                               f'quote the value, e.g. `{name}: "true"`')
         env[name] = raw if isinstance(raw, str) else str(raw)
+        if _BAD_REF.search(env[name].replace("$$", "")):
+            raise InvalidTask(path, "env", f"`{name}` has a malformed `${{...}}`",
+                              "write ${NAME} or ${NAME:-default}, and $$ for a literal $")
     return env
 
 
