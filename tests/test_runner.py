@@ -201,9 +201,16 @@ def test_runner_killed_with_sigkill_leaves_a_row_that_becomes_abandoned(stash, a
     assert rows(stash)[0]["status"] == "running"
     p.kill()
     p.wait()
-    # While a live runner holds its lock, the row is left alone...
+    # The orphaned command still runs and still holds the task's locks: the
+    # row stays `running` and the task is not started again on top of it.
+    pgid = log_records(stash, rows(stash)[0])[0]["pid"]
+    assert json.loads(akm("runs", "--format", "json").stdout)[0]["status"] == "running"
+    assert akm("tasks", "run", "victim").returncode == 75
+    os.killpg(pgid, signal.SIGKILL)
+    assert wait_for(lambda: not pid_alive(pgid), 5)
+    # Once it is gone, the next look marks the row abandoned...
     r = akm("runs", "--format", "json")
-    [run] = json.loads(r.stdout)
+    run = json.loads(r.stdout)[-1]
     assert run["status"] == "abandoned" and "vanished" in run["error"]
     # ...and the task can run again at once: the lock died with the runner.
     write_task(stash, "victim", 'schedule: "@daily"\ncommand: "true"\n')
@@ -385,3 +392,19 @@ def test_truncated_tail_starts_at_a_line(stash, akm):
     akm("tasks", "run", "lines")
     first, second = rows(stash)[0]["stdout"].split("\n")[:2]
     assert first.startswith("[... ") and int(second) == int(rows(stash)[0]["stdout"].split("\n")[2]) - 1
+
+
+def test_a_daemon_left_behind_does_not_keep_the_task_locked(stash, akm, tmp_path):
+    pidfile = tmp_path / "daemon.pid"
+    write_task(stash, "forker", f"""
+        schedule: "@daily"
+        command: "setsid sh -c 'echo $$ > {pidfile}; exec sleep 30' > /dev/null 2>&1 < /dev/null &"
+    """)
+    try:
+        assert akm("tasks", "run", "forker").returncode == 0
+        assert wait_for(pidfile.exists, 5)
+        assert pid_alive(int(pidfile.read_text()))
+        assert akm("tasks", "run", "forker").returncode == 0   # not skipped
+    finally:
+        if pidfile.exists():
+            os.kill(int(pidfile.read_text()), signal.SIGKILL)

@@ -134,14 +134,18 @@ class TaskLock:
         return True
 
     def release(self):
+        # LOCK_UN, not just close: the task's processes share these open files
+        # (see _spawn), and a daemon it left behind must not keep the task locked.
         if self.live_fd is not None:
             try:
                 os.unlink(self.live_path)
             except OSError:
                 pass
+            fcntl.flock(self.live_fd, fcntl.LOCK_UN)
             os.close(self.live_fd)
             self.live_fd = None
         if self.fd is not None:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
             os.close(self.fd)
             self.fd = None
 
@@ -153,6 +157,7 @@ class Execution:
                  out_fd, err_fd, prefix):
         self.stash, self.task, self.trigger, self.conn = stash, task, trigger, conn
         self.out_fds = {1: out_fd, 2: err_fd}
+        self.lock_fds = (lock.fd, lock.live_fd)
         self.prefix = prefix
         self.masker = Masker(secret_values({**environ, **env}, interpolated))
         self.env = {**environ, **env}
@@ -173,8 +178,6 @@ class Execution:
         outcome = None
         self.log = _open_log(self._log_path(self.run_id))
         try:
-            self.log.record(self._start_record())
-            self.log.flush()
             outcome = self._execute()
         except BaseException as e:  # record before anything else happens
             outcome = Outcome("error", None, None, f"internal error: {type(e).__name__}: {e}")
@@ -183,23 +186,29 @@ class Execution:
             result = self._finish(outcome)
         return result
 
-    def _start_record(self):
+    def _start(self, pid):
+        self.log.record(self._start_record(pid))
+        self.log.flush()
+
+    def _start_record(self, pid):
         return {"type": "start", "task": self.task.id, "run_id": self.run_id,
                 "description": self.masker.mask_text(self.task.description),
                 "trigger": self.trigger,
                 "started_at": clock.iso(self.started),
                 "command": self.masker.mask_text(_command_text(self.task.command)),
-                "timeout": self.task.timeout, "env": self.env_names, "pid": os.getpid()}
+                "timeout": self.task.timeout, "env": self.env_names, "pid": pid}
 
     def _execute(self):
         self.env.update(AKM_TASK_ID=self.task.id, AKM_RUN_ID=str(self.run_id),
                         AKM_USAGE_FILE=self.usage_path, AKM_STASH=str(self.stash.root.resolve()))
         os.close(os.open(self.usage_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600))
         try:
-            pid, pipes = _spawn(self.task.command, self.env, self.stash.root)
+            pid, pipes = _spawn(self.task.command, self.env, self.stash.root, self.lock_fds)
         except OSError as e:
+            self._start(None)
             return Outcome("error", 127, None, f"cannot start the command: {e.strerror}: "
                            f"{_command_text(self.task.command)[:200]}")
+        self._start(pid)  # the command's pid, which is also its process group
         sup = Supervisor(pid, pipes, self.task.timeout, self.masker, self._on_output, self._warn)
         return sup.wait()
 
@@ -277,8 +286,13 @@ class Tail:
 
 # -- process ------------------------------------------------------------------
 
-def _spawn(command, env, cwd):
-    """Start COMMAND in a new process group with stdout/stderr piped to us."""
+def _spawn(command, env, cwd, inherit=()):
+    """Start COMMAND in a new process group with stdout/stderr piped to us.
+
+    The command inherits the INHERIT fds (the task's locks): if the runner is
+    SIGKILLed, its task keeps the locks for as long as any of its processes
+    live, so the task is not started again on top of them and its row stays
+    `running` until they are gone (then `abandoned`)."""
     argv = ["/bin/sh", "-c", command] if isinstance(command, str) else list(command)
     r1, w1 = os.pipe()
     r2, w2 = os.pipe()
@@ -292,6 +306,8 @@ def _spawn(command, env, cwd):
                (os.POSIX_SPAWN_CLOSE, r1), (os.POSIX_SPAWN_CLOSE, r2)]
     # posix_spawn has no cwd: change ours around the spawn (single-threaded).
     here = os.open(".", os.O_RDONLY)
+    for fd in inherit:
+        os.set_inheritable(fd, True)
     try:
         os.chdir(cwd)
         spawn = os.posix_spawn if "/" in argv[0] else os.posix_spawnp
@@ -306,6 +322,8 @@ def _spawn(command, env, cwd):
     finally:
         os.fchdir(here)
         os.close(here)
+        for fd in inherit:
+            os.set_inheritable(fd, False)
     os.close(w1)
     os.close(w2)
     return pid, {r1: 1, r2: 2}
