@@ -42,3 +42,12 @@ def parse_duration(text: str):
         raise ValueError(f"{text!r} is not a duration: use a positive number "
                          f"and a unit, like 30d, 12h, 90m, 45s or 2w")
     return timedelta(seconds=int(m.group(1)) * _UNITS[m.group(2)])
+
+
+def duration_option(flag: str, text: str):
+    """parse_duration for a command-line option: a UsageError naming FLAG."""
+    from .errors import UsageError
+    try:
+        return parse_duration(text)
+    except ValueError as e:
+        raise UsageError(f"{flag}: {e}") from None

@@ -26,7 +26,7 @@ from enum import StrEnum
 from pathlib import Path
 
 from . import clock, state
-from .errors import EXIT_OK, EXIT_PROBLEMS, StateError, UsageError
+from .errors import EXIT_OK, EXIT_PROBLEMS, StateError
 from .stash import Stash
 
 
@@ -474,10 +474,7 @@ def human(seconds: float) -> str:
 # -- the command --------------------------------------------------------------
 
 def cmd_health(args) -> int:
-    try:
-        window = clock.parse_duration(args.window)
-    except ValueError as e:
-        raise UsageError(f"--window: {e}") from None
+    window = clock.duration_option("--window", args.window)
     stash = Stash.resolve(args.stash)
     report = check(stash, datetime.now(timezone.utc), window)
     if args.format == "json":

@@ -427,12 +427,8 @@ def cmd_runs(args) -> int:
 
 
 def cmd_prune(args) -> int:
-    from .errors import UsageError
     from .stash import Stash
-    try:
-        age = clock.parse_duration(args.older_than)
-    except ValueError as e:
-        raise UsageError(f"--older-than: {e}") from None
+    age = clock.duration_option("--older-than", args.older_than)
     stash = Stash.resolve(args.stash)
     if not stash.state_db.exists():
         print("nothing to prune: no state.db yet")
