@@ -268,3 +268,32 @@ def test_prune_runs_as_a_reaped_child(stash, tmp_path, capsys):
     assert sched.prune_pid
     _wait(lambda: sched.reap() is None and sched.prune_pid is None, 20, "prune to finish")
     assert "prune exited" not in capsys.readouterr().out   # it exited 0
+
+
+def test_a_report_failing_for_hours_is_said_on_the_worker_log(tmp_path, capsys):
+    import time as _time
+
+    from worker import clock, state
+    from worker.scheduler import Scheduler
+    from worker.stash import Stash
+    root = tmp_path / "stash"
+    (root / "tasks").mkdir(parents=True)
+    s = Stash(root)
+    sched = Scheduler(s, tmp_path / "crontab", tmp_path / "status.json")
+    sched.check_reports()                      # no state.db yet: nothing to say
+    assert "health report" not in capsys.readouterr().out
+    conn = state.connect(s)
+    with conn:
+        for hours_ago in (4, 3, 2, 1):
+            conn.execute("INSERT INTO reports (attempted_at, outcome, http_status, detail) "
+                         "VALUES (?, 'gone', 404, 'webhook deleted (HTTP 404)')",
+                         (clock.iso(_time.time() - hours_ago * 3600),))
+    sched.check_reports()
+    out = capsys.readouterr().out
+    assert "akm scheduler: health report: Discord reports failing for" in out
+    assert "docker compose logs report" in out
+    with conn:
+        conn.execute("INSERT INTO reports (attempted_at, outcome, http_status, detail) "
+                     "VALUES (?, 'ok', 204, 'posted')", (clock.iso(),))
+    sched.check_reports()
+    assert "health report" not in capsys.readouterr().out

@@ -37,6 +37,7 @@ POLL_SECONDS = 5.0          # tasks/ check interval: a change is live within ~5 
 HEARTBEAT_SECONDS = 15.0    # status file refresh
 STALE_SECONDS = 90.0        # healthcheck: a heartbeat older than this means a stuck loop
 PRUNE_EVERY = 86400.0
+REPORT_CHECK_EVERY = 3600.0  # the Discord report failing: said on this log hourly
 DEFAULT_STOP_TIMEOUT = 20.0
 DEFAULT_RUN_DIR = "/tmp/akm"
 
@@ -371,6 +372,27 @@ class Scheduler:
         except (AkmError, ImportError, AttributeError, OSError, sqlite3.Error) as e:
             _log(f"could not record the start in state.db: {e}")
 
+    def check_reports(self) -> None:
+        """Say on the worker's own log when the Discord report has been failing
+        for hours: the sidecar's log is not where people look first."""
+        import sqlite3
+        try:
+            from datetime import datetime, timezone
+
+            from . import health, state
+            conn = state.connect(self.stash, readonly=True)
+            if conn is None:
+                return
+            try:
+                problem = health.report_failing(conn, datetime.now(timezone.utc))
+            finally:
+                conn.close()
+        except (AkmError, OSError, sqlite3.Error) as e:
+            _log(f"could not check the report's state: {e}")
+            return
+        if problem:
+            _log(f"health report: {problem.detail} (docker compose logs report)")
+
     # the loop
     def run(self, now=time.monotonic) -> int:
         self.install_signals()
@@ -381,6 +403,7 @@ class Scheduler:
         next_poll = now() + self.poll
         next_beat = now() + HEARTBEAT_SECONDS
         next_prune = now() + 60.0 if self.retention else None  # let the first runs start
+        next_report_check = now() + REPORT_CHECK_EVERY
         while not self.stop_requested:
             died = self.reap()
             if died is not None:
@@ -400,7 +423,10 @@ class Scheduler:
             if next_prune is not None and t >= next_prune:
                 self.start_prune()
                 next_prune = t + PRUNE_EVERY
-            deadlines = [next_poll, next_beat] + ([next_prune] if next_prune else [])
+            if t >= next_report_check:
+                self.check_reports()
+                next_report_check = t + REPORT_CHECK_EVERY
+            deadlines = [next_poll, next_beat, next_report_check] + ([next_prune] if next_prune else [])
             self._sleep(min(deadlines) - now())
         _log("stop requested: telling every task to stop")
         self.write_status("stopping")
