@@ -169,7 +169,6 @@ class Execution:
         self.usage_path = os.path.join(os.environ.get("TMPDIR", "/tmp"),
                                        f"akm-usage-{self.run_id}-{lock.token}.jsonl")
         self.tails = {1: Tail(), 2: Tail()}
-        self.warnings = []
 
     def _log_path(self, run_id):
         return self.stash.task_log_dir(self.task.id) / log_name(self.started, run_id)
@@ -220,7 +219,6 @@ class Execution:
         _write_all(self.out_fds[fd], _prefixed(block, self.prefix) if self.prefix else block)
 
     def _warn(self, message):
-        self.warnings.append(message)
         self.log.record({"type": "warning", "t": clock.iso(), "message": message})
 
     def _finish(self, outcome) -> RunResult:
