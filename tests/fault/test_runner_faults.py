@@ -22,6 +22,14 @@ def _other_task_still_runs(stash):
     return r
 
 
+def _command_pgid(stash, row) -> int:
+    """The command's pid (= its process group) from the log's start record,
+    which the runner writes right after spawning it."""
+    path = stash / row["log_path"]
+    wait_for(lambda: path.exists() and path.read_text().strip(), what="the start record")
+    return json.loads(path.read_text().splitlines()[0])["pid"]
+
+
 def test_runner_killed_with_sigkill_mid_run(stash):
     write_task(stash, "victim", """
         schedule: "@hourly"
@@ -36,7 +44,7 @@ def test_runner_killed_with_sigkill_mid_run(stash):
         [row] = rows(stash)
         assert row["status"] == "running"
         # The command runs in its own process group, named after its pid.
-        pgid = json.loads((stash / row["log_path"]).read_text().splitlines()[0])["pid"]
+        pgid = _command_pgid(stash, row)
         wait_for(lambda: b"started" in (stash / row["log_path"]).read_bytes(), what="output")
         p.send_signal(signal.SIGKILL)
         out, err = p.communicate(timeout=10)
@@ -56,7 +64,7 @@ def test_lock_of_a_killed_runner_is_not_stuck(stash):
     write_task(stash, "victim", 'schedule: "@hourly"\ncommand: "echo go; sleep 30"\n')
     p = spawn_akm(stash, "tasks", "run", "victim")
     wait_for(lambda: (stash / "state.db").exists() and rows(stash), what="the row")
-    pgid = json.loads((stash / rows(stash)[0]["log_path"]).read_text().splitlines()[0])["pid"]
+    pgid = _command_pgid(stash, rows(stash)[0])
     p.kill()
     p.communicate(timeout=10)
     kill_group(pgid)
