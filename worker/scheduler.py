@@ -259,10 +259,11 @@ class Scheduler:
         return changed
 
     def _write_empty_crontab(self) -> None:
-        self.crontab.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.crontab.with_name(self.crontab.name + ".tmp")
-        tmp.write_text("# akm-worker: no valid tasks\n")
-        os.replace(tmp, self.crontab)
+        from . import crontab
+        try:
+            crontab.write_atomic(self.crontab, "# akm-worker: no valid tasks\n")
+        except AkmError as e:
+            _log(str(e))  # supercronic then says it has no crontab, and we exit
 
     def check_tasks(self, force: bool = False) -> None:
         fp = tasks_fingerprint(self.stash.tasks_dir)

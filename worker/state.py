@@ -138,7 +138,8 @@ def connect(stash, readonly: bool = False) -> sqlite3.Connection | None:
         if readonly:
             if not path.exists():
                 return None
-            conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True,
+            from urllib.parse import quote  # a path with ? or # in it stays a path
+            conn = sqlite3.connect(f"file:{quote(str(path))}?mode=ro", uri=True,
                                    timeout=BUSY_TIMEOUT_MS / 1000)
         else:
             conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_MS / 1000)
